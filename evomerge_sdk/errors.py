@@ -1,0 +1,88 @@
+"""One hierarchy for every error the SDK raises.
+
+Adapters map their wire-level failures onto these types, so the scheduler can decide what to retry
+without knowing which API it talks to. Retryable errors derive from `RetryableError`; everything else
+is final.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AuthenticationError",
+    "BadResponse",
+    "BudgetExceeded",
+    "ConfigError",
+    "ConnectionFailed",
+    "EvomergeError",
+    "InvalidRequest",
+    "ProviderError",
+    "RateLimited",
+    "RetryableError",
+    "ServerError",
+    "Timeout",
+]
+
+
+class EvomergeError(Exception):
+    """Base of every error the SDK raises on purpose."""
+
+
+class ConfigError(EvomergeError, ValueError):
+    """A setting, argument or input is invalid; raised at the boundary, before any work starts."""
+
+
+class ProviderError(EvomergeError):
+    """A call to a model API failed."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RetryableError(ProviderError):
+    """A failure that may go away if the same request is sent again later."""
+
+
+class RateLimited(RetryableError):
+    """The API answered 429 (or an equivalent); `retry_after` is its hint in seconds, if it gave one."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, status: int | None = 429) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class ServerError(RetryableError):
+    """The API answered with a 5xx status (or an 'overloaded' equivalent)."""
+
+
+class Timeout(RetryableError):
+    """No complete answer arrived within the per-request timeout."""
+
+
+class ConnectionFailed(RetryableError):
+    """The connection could not be made or was dropped before a full answer arrived."""
+
+
+class BadResponse(RetryableError):
+    """The answer arrived but could not be parsed (malformed JSON, missing fields, wrong types)."""
+
+
+class AuthenticationError(ProviderError):
+    """The API rejected the credentials (401/403). Never retried."""
+
+
+class InvalidRequest(ProviderError):
+    """The API rejected the request itself (400/404/422, or a spend limit reached). Never retried."""
+
+
+class BudgetExceeded(EvomergeError):
+    """The hard budget cannot cover the next request; nothing was sent for it.
+
+    `spent` holds what was spent so far, so callers can report it and stop cleanly.
+    """
+
+    def __init__(self, message: str, *, spent: Any = None) -> None:
+        super().__init__(message)
+        self.spent = spent

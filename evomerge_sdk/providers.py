@@ -1,0 +1,180 @@
+"""The provider interface every adapter implements, and the registry that finds adapters.
+
+A provider is a thin translation between these value types and one wire format. It does no retries,
+no rate limiting and no budgeting: that is the scheduler's job. It maps every failure onto the error
+hierarchy in `evomerge_sdk.errors`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from importlib.metadata import entry_points
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import attrs
+
+from .errors import ConfigError
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "ChatRequest",
+    "Completion",
+    "Message",
+    "Provider",
+    "RateLimitInfo",
+    "TokenLogprob",
+    "Usage",
+    "available_providers",
+    "load_provider",
+]
+
+ENTRY_POINT_GROUP = "evomerge_sdk.providers"
+
+Role = Literal["system", "user", "assistant"]
+_ROLES = ("system", "user", "assistant")
+
+
+def _check_role(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
+    if value not in _ROLES:
+        raise ConfigError(f"message role must be one of {_ROLES}, got {value!r}")
+
+
+@attrs.frozen
+class Message:
+    """One chat message."""
+
+    role: Role = attrs.field(validator=_check_role)
+    content: str = attrs.field(validator=attrs.validators.instance_of(str))
+
+
+def _to_messages(value: Any) -> tuple[Message, ...]:
+    if isinstance(value, str):
+        return (Message("user", value),)
+    out = []
+    for m in value:
+        out.append(m if isinstance(m, Message) else Message(m["role"], m["content"]))
+    return tuple(out)
+
+
+def _positive_int(_inst: object, attr: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+        raise ConfigError(f"{attr.name} must be a positive integer, got {value!r}")
+
+
+def _top_logprobs(_inst: object, _attr: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or not 0 <= value <= 20):
+        raise ConfigError(f"top_logprobs must be an integer in [0, 20], got {value!r}")
+
+
+def _to_dict(value: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(value)
+
+
+@attrs.frozen
+class ChatRequest:
+    """A chat/completion request, independent of any provider's wire format.
+
+    `extra` carries provider-specific fields verbatim (for example `seed` or `stop`); adapters merge it
+    into the body they send. `messages` accepts a plain string as a single user message.
+    """
+
+    model: str = attrs.field(validator=attrs.validators.min_len(1))
+    messages: tuple[Message, ...] = attrs.field(converter=_to_messages)
+    max_tokens: int = attrs.field(default=256, validator=_positive_int)
+    temperature: float | None = None
+    top_p: float | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = attrs.field(default=None, validator=_top_logprobs)
+    extra: Mapping[str, Any] = attrs.field(factory=dict, converter=_to_dict)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.messages:
+            raise ConfigError("a request needs at least one message")
+
+    def canonical_json(self) -> str:
+        """A stable serialisation: equal requests give equal strings (the cache key is its hash)."""
+        body = attrs.asdict(self, recurse=True)
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+@attrs.frozen
+class Usage:
+    """Tokens a request consumed, as the API reported them. `cached_tokens` is part of `input_tokens`."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cached_tokens + other.cached_tokens,
+        )
+
+
+@attrs.frozen
+class TokenLogprob:
+    """One generated token's log-probability, with the most likely alternatives when the API gave them."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@attrs.frozen
+class RateLimitInfo:
+    """What an API said about its current limits (from `x-ratelimit-*`-style headers); None = not said."""
+
+    requests_limit: int | None = None
+    requests_remaining: int | None = None
+    tokens_limit: int | None = None
+    tokens_remaining: int | None = None
+    reset_seconds: float | None = None
+
+
+@attrs.frozen
+class Completion:
+    """A provider's answer to a `ChatRequest`."""
+
+    text: str
+    model: str
+    finish_reason: str | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    usage: Usage = Usage()
+    rate_limits: RateLimitInfo | None = None
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """What every adapter implements. `name` is its registry name (for example "openai")."""
+
+    name: str
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        """Send one request and return its completion, or raise a `ProviderError` subclass."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections; the provider is not used afterwards."""
+        ...
+
+
+def available_providers() -> dict[str, Callable[..., Provider]]:
+    """Provider factories registered under the `evomerge_sdk.providers` entry-point group."""
+    return {ep.name: ep.load() for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_provider(name: str, **kwargs: Any) -> Provider:
+    """Build the registered provider `name` with `kwargs`; a clear error if none is registered."""
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            factory: Callable[..., Provider] = ep.load()
+            return factory(**kwargs)
+    known = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    raise ConfigError(f"no provider named {name!r} is installed (installed: {known or 'none'})")
