@@ -1,0 +1,77 @@
+"""The evolutionary engine: CMA-ES, the merge operators, the two-stage search and its baselines.
+
+numpy only; nothing here touches the network. An objective (see `objective`) turns candidates into
+losses, however it gets them.
+"""
+
+from __future__ import annotations
+
+from .baselines import (
+    best_single,
+    lorahub,
+    random_search,
+    task_arithmetic,
+    task_arithmetic_grid,
+    uniform_merge,
+)
+from .cmaes import CMA, BoxTransform, StopCriteria, StopReason, default_popsize
+from .objective import Candidate, EvaluationContext, Objective, Split
+from .operators import keep_count, magnitude_order, merge_lora, merge_outputs, scale_sum, sparsify
+from .search import (
+    DEFAULT,
+    LORAHUB,
+    PAPER,
+    PRESETS,
+    EarlyStopping,
+    EvoMerge,
+    HistoryPoint,
+    Progress,
+    ProgressCallback,
+    SearchConfig,
+    SearchResult,
+    StageConfig,
+    StageResult,
+    ablations,
+    preset,
+)
+from .synthetic import SyntheticPool
+
+__all__ = [
+    "CMA",
+    "DEFAULT",
+    "LORAHUB",
+    "PAPER",
+    "PRESETS",
+    "BoxTransform",
+    "Candidate",
+    "EarlyStopping",
+    "EvaluationContext",
+    "EvoMerge",
+    "HistoryPoint",
+    "Objective",
+    "Progress",
+    "ProgressCallback",
+    "SearchConfig",
+    "SearchResult",
+    "Split",
+    "StageConfig",
+    "StageResult",
+    "StopCriteria",
+    "StopReason",
+    "SyntheticPool",
+    "ablations",
+    "best_single",
+    "default_popsize",
+    "keep_count",
+    "lorahub",
+    "magnitude_order",
+    "merge_lora",
+    "merge_outputs",
+    "preset",
+    "random_search",
+    "scale_sum",
+    "sparsify",
+    "task_arithmetic",
+    "task_arithmetic_grid",
+    "uniform_merge",
+]

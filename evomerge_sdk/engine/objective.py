@@ -1,0 +1,119 @@
+"""The contract between the search and whatever scores a merge: candidates in, losses out.
+
+The engine never talks to a network. An objective is any async callable
+`objective(candidates, context) -> losses`: the provider-side merge (one service call per candidate) and
+the output-space merge (cached scores) both fit. The search hands over a whole generation in one call,
+so the objective decides how to fan out (through the scheduler, concurrently). It returns the raw loss;
+the search adds its own L1 penalty.
+
+`EvaluationContext` says which split to score (the validation split drives the search, the held-out
+split only decides early stopping) and which generation asks, with a seed derived from the search seed,
+so a later minibatch objective can draw the same minibatch for a whole generation (common random numbers)
+and draw it again identically after a resume.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import attrs
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from ..errors import ConfigError
+
+__all__ = ["Candidate", "EvaluationContext", "Objective", "Split"]
+
+FloatArray = NDArray[np.float64]
+
+
+def _frozen_vector(value: ArrayLike) -> FloatArray:
+    arr = np.array(value, dtype=np.float64, copy=True)
+    if arr.ndim != 1:
+        raise ConfigError(f"merge coefficients must be a vector, got shape {arr.shape}")
+    arr.setflags(write=False)
+    return arr
+
+
+@attrs.frozen(eq=False)
+class Candidate:
+    """One merge to score: alpha (kept fraction per model) and beta (signed scale per model).
+
+    The arrays are read-only float64 copies; equality and hashing compare their exact values, so a
+    candidate can key a cache.
+    """
+
+    alpha: FloatArray = attrs.field(converter=_frozen_vector)
+    beta: FloatArray = attrs.field(converter=_frozen_vector)
+
+    def __attrs_post_init__(self) -> None:
+        if self.alpha.shape != self.beta.shape:
+            raise ConfigError(f"alpha has {self.alpha.size} entries but beta has {self.beta.size}")
+        if self.alpha.size == 0:
+            raise ConfigError("a candidate needs at least one model")
+        if not (np.all(np.isfinite(self.alpha)) and np.all(np.isfinite(self.beta))):
+            raise ConfigError("alpha and beta must be finite")
+
+    @property
+    def n(self) -> int:
+        """Number of models."""
+        return int(self.alpha.size)
+
+    def key(self) -> bytes:
+        """The exact values as bytes, for caches and equality."""
+        return self.alpha.tobytes() + self.beta.tobytes()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Candidate):
+            return NotImplemented
+        return self.key() == other.key()
+
+    def __hash__(self) -> int:
+        return hash(self.key())
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (floats round-trip exactly)."""
+        return {"alpha": self.alpha.tolist(), "beta": self.beta.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Candidate:
+        """The inverse of `to_dict`."""
+        return cls(alpha=data["alpha"], beta=data["beta"])
+
+
+class Split(str, enum.Enum):
+    """Which labelled data a loss is computed on."""
+
+    VALIDATION = "validation"
+    HELD_OUT = "held_out"
+
+
+@attrs.frozen
+class EvaluationContext:
+    """Why a batch of candidates is scored.
+
+    `stage` names the search stage (or baseline), `generation` counts generations over the whole run,
+    and `seed` is a deterministic function of the search seed, the stage and the generation.
+    """
+
+    split: Split
+    stage: str
+    generation: int
+    seed: int
+
+
+class Objective(Protocol):
+    """An async callable scoring candidates: one raw loss per candidate, in order (lower is better).
+
+    It may return NaN or inf for a candidate it could not score; the search ranks such candidates worst
+    and counts them. Raising `BudgetExceeded` makes the search stop cleanly with the best so far; any
+    other exception propagates (the last checkpoint lets the run resume).
+    """
+
+    async def __call__(
+        self, candidates: Sequence[Candidate], context: EvaluationContext, /
+    ) -> Sequence[float]:
+        """Score `candidates` on `context.split`."""
+        ...
