@@ -1,0 +1,314 @@
+"""HTTP plumbing of an evomerge adapter: session lifetime, failure mapping, rate-limit headers.
+
+This file ships verbatim in evomerge_openai and evomerge_anthropic (keep the copies identical): adapters
+depend only on evomerge-sdk and aiohttp, and the core does not offer it yet. Each provider module only
+translates its own wire format on top of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import math
+import re
+import ssl
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import aiohttp
+import attrs
+import structlog
+from yarl import URL
+
+from evomerge_sdk.errors import (
+    AuthenticationError,
+    BadResponse,
+    ConfigError,
+    ConnectionFailed,
+    InvalidRequest,
+    ProviderError,
+    RateLimited,
+    ServerError,
+    Timeout,
+)
+from evomerge_sdk.providers import RateLimitInfo
+
+log = structlog.get_logger("evomerge.adapters")
+
+# (limit, remaining, seconds until reset) of one rate-limit window, as the headers reported it.
+Window = tuple[int | None, int | None, float | None]
+
+_Owner = TypeVar("_Owner", bound="SessionOwner")
+
+
+@attrs.frozen
+class HTTPAnswer:
+    """One HTTP answer, read whole."""
+
+    status: int
+    headers: Mapping[str, str]
+    text: str
+
+
+def check_base_url(url: str, what: str) -> str:
+    """`url` without a trailing slash; a `ConfigError` unless it is an absolute http(s) URL."""
+    parsed = URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigError(f"{what} must be an absolute http(s) URL, got {url!r}")
+    return url.rstrip("/")
+
+
+def _ssl_setting(verify_tls: bool | ssl.SSLContext) -> bool | ssl.SSLContext:
+    if isinstance(verify_tls, (bool, ssl.SSLContext)):
+        return verify_tls
+    raise ConfigError(f"verify_tls must be True, False or an ssl.SSLContext, got {verify_tls!r}")
+
+
+class HTTPClient:
+    """Posts JSON through one aiohttp session and maps every transport failure onto the SDK's errors.
+
+    The session is created on first use (inside the running loop) and closed by `aclose`, unless the
+    caller passed their own, which stays theirs. `secrets` are scrubbed from every error text and log.
+    """
+
+    def __init__(
+        self,
+        *,
+        provider: str,
+        timeout: float,
+        verify_tls: bool | ssl.SSLContext,
+        session: aiohttp.ClientSession | None,
+        secrets: Sequence[str],
+    ) -> None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.provider = provider
+        self.timeout = float(timeout)
+        self._ssl = _ssl_setting(verify_tls)
+        self._session = session
+        self._owned = session is None
+        self._closed = False
+        self._secrets = tuple(s for s in secrets if s)
+
+    def redact(self, text: str) -> str:
+        """`text` with every secret replaced by '***'."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    async def exchange(
+        self,
+        url: str,
+        body: Mapping[str, Any],
+        headers: Mapping[str, str],
+        params: Mapping[str, str],
+        *,
+        rate_limits: Callable[[Mapping[str, str]], RateLimitInfo | None],
+        final_429: Callable[[Mapping[str, Any]], bool],
+    ) -> tuple[Any, RateLimitInfo | None]:
+        """POST `body` as JSON; the parsed answer and its rate limits, or the SDK error for the failure.
+
+        `rate_limits` reads the API's rate-limit headers; `final_429` tells, from the error object, a 429
+        that waiting cannot fix (a spend limit, an exhausted quota) from a rate limit.
+        """
+        answer = await self._post(url, body, headers, params)
+        limits = rate_limits(answer.headers)
+        if 200 <= answer.status < 300:
+            return self._parse_json(answer), limits
+        try:
+            data = json.loads(answer.text)
+        except ValueError:
+            data = None
+        # {"error": {"type", "message", ...}} (OpenAI, Anthropic, llama.cpp, Ollama), or bare (old vLLM).
+        error = data.get("error", data) if isinstance(data, dict) else None
+        error = error if isinstance(error, dict) else {}
+        parts = [error.get("type"), error.get("message")]
+        message = ": ".join(p for p in parts if isinstance(p, str)) or answer.text[:200] or "(empty body)"
+        raise self._error(answer, message, limits, never_retry=answer.status == 429 and final_429(error))
+
+    async def _post(
+        self, url: str, body: Mapping[str, Any], headers: Mapping[str, str], params: Mapping[str, str]
+    ) -> HTTPAnswer:
+        if self._closed:
+            raise ConfigError(f"the {self.provider} provider is closed")
+        try:
+            data = json.dumps(body, allow_nan=False, ensure_ascii=False).encode()
+        except ValueError as exc:
+            raise ConfigError(f"the request holds a non-finite number: {exc}") from exc
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        try:
+            async with self._session.post(
+                url,
+                data=data,
+                headers={**headers, "Content-Type": "application/json", "Accept": "application/json"},
+                params=params,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                ssl=self._ssl,
+                allow_redirects=False,
+            ) as resp:
+                status, resp_headers, raw = resp.status, resp.headers, await resp.read()
+        except asyncio.TimeoutError as exc:
+            # Checked first: aiohttp's timeout errors are also connection errors.
+            raise self._transport_failure(
+                Timeout, f"no complete answer within {self.timeout:g} s", exc
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise self._transport_failure(ConnectionFailed, f"{type(exc).__name__}: {exc}", exc) from exc
+        try:
+            # Lenient on error answers, whose status matters more than their text.
+            text = raw.decode("utf-8", errors="strict" if status < 300 else "replace")
+        except UnicodeDecodeError as exc:
+            raise BadResponse(f"{self.provider}: answer is not UTF-8 ({exc})", status=status) from exc
+        log.debug("provider.answer", provider=self.provider, url=self.redact(url), status=status)
+        return HTTPAnswer(status, resp_headers, text)
+
+    def _parse_json(self, answer: HTTPAnswer) -> Any:
+        try:
+            return json.loads(answer.text)
+        except ValueError as exc:
+            excerpt = self.redact(answer.text[:120])
+            raise BadResponse(
+                f"{self.provider}: answer is not JSON: {excerpt!r}", status=answer.status
+            ) from exc
+
+    def _transport_failure(self, kind: type[ProviderError], detail: str, exc: BaseException) -> ProviderError:
+        log.debug("provider.transport_error", provider=self.provider, error=type(exc).__name__)
+        return kind(self.redact(f"{self.provider}: {detail}"))
+
+    def _error(
+        self, answer: HTTPAnswer, message: str, rate_limits: RateLimitInfo | None, *, never_retry: bool
+    ) -> ProviderError:
+        status = answer.status
+        text = self.redact(f"{self.provider} answered {status}: {message}")
+        # Anthropic (and OpenAI) send `x-should-retry: false` when a retry cannot succeed.
+        never_retry = never_retry or answer.headers.get("x-should-retry") == "false"
+        err: ProviderError
+        if status == 429 and not never_retry:
+            err = RateLimited(text, retry_after=retry_after_seconds(answer.headers))
+        elif status == 429:
+            err = InvalidRequest(f"{text} (a spend limit or quota: not retried)", status=status)
+        elif status in (401, 403):
+            err = AuthenticationError(text, status=status)
+        elif status == 408:
+            err = Timeout(text, status=status)
+        elif status >= 500:
+            err = ServerError(text, status=status)
+        elif status >= 400:
+            err = InvalidRequest(text, status=status)
+        else:
+            err = BadResponse(f"{text} (unexpected status)", status=status)
+        # The scheduler reads the limits off the error (getattr); errors.py declares no field for them yet.
+        vars(err)["rate_limits"] = rate_limits
+        log.debug("provider.error", provider=self.provider, status=status, error=type(err).__name__)
+        return err
+
+    async def aclose(self) -> None:
+        """Close the session if this client created it; later posts raise a `ConfigError`."""
+        self._closed = True
+        if self._owned and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+
+class SessionOwner:
+    """An async context manager around an `HTTPClient`: `async with Provider(...) as p:` closes it."""
+
+    _http: HTTPClient
+
+    async def aclose(self) -> None:
+        """Release connections; the provider is not used afterwards."""
+        await self._http.aclose()
+
+    async def __aenter__(self: _Owner) -> _Owner:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+def retry_after_seconds(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """The server's wait hint: `retry-after-ms`, else `Retry-After` as seconds or an HTTP-date."""
+    millis = _non_negative(headers.get("retry-after-ms"))
+    if millis is not None:
+        return millis / 1000.0
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    seconds = _non_negative(value)
+    if seconds is not None:
+        return seconds
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _non_negative(value: str | None) -> float | None:
+    try:
+        number = float(value) if value is not None else math.nan
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def header_int(headers: Mapping[str, str], name: str) -> int | None:
+    """An integer header, or None when absent or not an integer."""
+    value = headers.get(name)
+    if value is None or not re.fullmatch(r"\s*\d+\s*", value):
+        return None
+    return int(value)
+
+
+def tightest(windows: Sequence[Window]) -> Window | None:
+    """The most depleted reported window (lowest remaining/limit; the later reset on ties)."""
+    known = [w for w in windows if w != (None, None, None)]
+
+    def depletion(w: Window) -> tuple[float, float]:
+        limit, remaining, reset = w
+        share = remaining / limit if limit and remaining is not None else 1.0
+        return share, -(reset or 0.0)
+
+    return min(known, key=depletion) if known else None
+
+
+def rate_limit_info(requests: Window, tokens: Window) -> RateLimitInfo | None:
+    """One `RateLimitInfo` from the request and token windows; reset is the tightest window's."""
+    binding = tightest([requests, tokens])
+    if binding is None:
+        return None
+    return RateLimitInfo(
+        requests_limit=requests[0],
+        requests_remaining=requests[1],
+        tokens_limit=tokens[0],
+        tokens_remaining=tokens[1],
+        reset_seconds=binding[2],
+    )
+
+
+_KindT = TypeVar("_KindT")
+
+
+def optional_field(obj: Any, key: str, kind: type[_KindT], where: str) -> _KindT | None:
+    """`obj[key]` checked to be a `kind` or null/absent; a `BadResponse` naming the path if not."""
+    if not isinstance(obj, dict):
+        raise BadResponse(f"{where} is not a JSON object")
+    value = obj.get(key)
+    if value is None:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # type: ignore[return-value]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise BadResponse(f"{where}.{key} should be a {kind.__name__}, is a {type(value).__name__}")
+    return value
+
+
+def field(obj: Any, key: str, kind: type[_KindT], where: str) -> _KindT:
+    """`obj[key]` checked to be a `kind`; a `BadResponse` naming the path if missing, null or mistyped."""
+    value = optional_field(obj, key, kind, where)
+    if value is None:
+        raise BadResponse(f"{where}.{key} should be a {kind.__name__}, is missing or null")
+    return value
