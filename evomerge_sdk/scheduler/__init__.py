@@ -1,0 +1,45 @@
+"""The query scheduler: concurrency, RPM/TPM limits, a hard token/USD budget, retries, cache, metrics.
+
+    async with Scheduler(max_concurrency=32, rpm=500, budget=Budget(usd=5.0), models=["gpt-4o-mini"]) as s:
+        completion = await s.complete(provider, ChatRequest(model="gpt-4o-mini", messages="Hi"))
+
+`Scheduler.call` runs any other billable call (for example a merge-service evaluation) under the same
+budget, limits, retries, cache and metrics. See `core` for the order of work and the guarantees.
+"""
+
+from __future__ import annotations
+
+from .budget import DEFAULT_PRICES, PRICES_AS_OF, Budget, BudgetLedger, ModelPrice, Price, PriceTable, Spend
+from .cache import CachedValue, ResponseCache, cache_key
+from .core import CallResult, Outcome, Scheduler
+from .limiter import Gcra, RateLimiter, RateSchedule
+from .metrics import MetricsSnapshot, redact
+from .retry import RetryPolicy
+from .tokens import BYTES_ESTIMATE, TokenCounter, default_encoding_for, load_encoding
+
+__all__ = [
+    "BYTES_ESTIMATE",
+    "DEFAULT_PRICES",
+    "PRICES_AS_OF",
+    "Budget",
+    "BudgetLedger",
+    "CachedValue",
+    "CallResult",
+    "Gcra",
+    "MetricsSnapshot",
+    "ModelPrice",
+    "Outcome",
+    "Price",
+    "PriceTable",
+    "RateLimiter",
+    "RateSchedule",
+    "ResponseCache",
+    "RetryPolicy",
+    "Scheduler",
+    "Spend",
+    "TokenCounter",
+    "cache_key",
+    "default_encoding_for",
+    "load_encoding",
+    "redact",
+]

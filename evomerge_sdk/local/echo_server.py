@@ -1,0 +1,484 @@
+"""A minimal OpenAI-compatible chat-completions server on 127.0.0.1, and a provider that talks to it.
+
+For tests and benchmarks of the scheduler: `EchoServer` answers `POST /v1/chat/completions` with a
+deterministic reply derived from the prompt ("echo: " + the last user message, cut to `max_tokens`),
+honest `usage` counted with the same tiktoken encodings the SDK uses (or the byte estimate when they
+are unavailable, consistently on both sides), optional deterministic logprobs, optional bearer-token
+auth, and everything `evomerge_sdk.local.faults` offers (fault injection, RPM/TPM enforcement with 429s,
+served-token accounting). `GET /stats` and `POST /stats/reset` expose the accounting to another process.
+
+`EchoProvider` is a small OpenAI-wire client (aiohttp) mapping HTTP outcomes onto the SDK's errors; for
+real APIs use the `evomerge-openai` adapter.
+
+Run it standalone (prints one JSON line with its URL, serves until SIGTERM/SIGINT):
+
+    python -m evomerge_sdk.local.echo_server --rpm 3000 --faults '{"error_rate": 0.1}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextvars
+import hashlib
+import ipaddress
+import json
+import re
+import signal
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from ..errors import (
+    AuthenticationError,
+    BadResponse,
+    ConfigError,
+    ConnectionFailed,
+    InvalidRequest,
+    ProviderError,
+    RateLimited,
+    ServerError,
+    Timeout,
+)
+from ..providers import ChatRequest, Completion, RateLimitInfo, TokenLogprob, Usage
+from ..scheduler.metrics import redact
+from ..scheduler.tokens import TokenCounter
+from .faults import FaultConfig, FaultInjector, ServerLimits, ServerStats, record_served
+
+__all__ = [
+    "EchoProvider",
+    "EchoServer",
+    "RateLimitedWithInfo",
+    "echo_answer",
+    "parse_duration",
+    "parse_rate_limit_headers",
+]
+
+# The parsed body of the request being handled (parsed once for TPM costing, reused by the handler).
+_parsed: contextvars.ContextVar[tuple[web.Request, dict[str, Any] | None] | None] = contextvars.ContextVar(
+    "echo_parsed", default=None
+)
+
+
+def _check_loopback(host: str) -> None:
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise ConfigError(f"the echo server only listens on loopback addresses, not {host!r}")
+
+
+def echo_answer(messages: list[dict[str, Any]]) -> str:
+    """The reply to a chat: "echo: " + the last user message, non-ASCII replaced (so cuts are exact)."""
+    last = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
+    return "echo: " + str(last).encode("ascii", "replace").decode("ascii")
+
+
+def _logprobs(tokens: list[str], top: int) -> dict[str, Any]:
+    content = []
+    for i, tok in enumerate(tokens):
+        h = hashlib.sha256(f"{i}|{tok}".encode()).digest()
+        lp = -(h[0] / 255.0) * 2.0
+        alts = [{"token": tok, "logprob": lp, "bytes": list(tok.encode())}]
+        alts += [
+            {"token": f"alt{j}", "logprob": lp - 1.0 - j, "bytes": list(f"alt{j}".encode())}
+            for j in range(max(0, top - 1))
+        ]
+        content.append({"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": alts[:top]})
+    return {"content": content}
+
+
+class EchoServer:
+    """The echo chat-completions server as an async context manager (127.0.0.1, port 0 by default)."""
+
+    def __init__(
+        self,
+        *,
+        faults: FaultConfig | None = None,
+        limits: ServerLimits | None = None,
+        api_key: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tokens: TokenCounter | None = None,
+    ) -> None:
+        _check_loopback(host)
+        self.host, self.port = host, port
+        self._api_key = api_key
+        self.tokens = tokens or TokenCounter()
+        self.stats = ServerStats()
+        self.injector = FaultInjector(faults, limits, stats=self.stats, token_cost=self._token_cost)
+        self.app = web.Application(middlewares=[self.injector.middleware])
+        self.app.router.add_post("/v1/chat/completions", self._chat)
+        self.app.router.add_get("/health", self._health)
+        self.app.router.add_get("/stats", self._stats)
+        self.app.router.add_post("/stats/reset", self._reset)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. http://127.0.0.1:43127 (valid once started)."""
+        return f"http://{self.host}:{self.port}"
+
+    async def __aenter__(self) -> EchoServer:
+        # handler_cancellation: a client that gives up ends its (hanging) handler too.
+        runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        await site.start()
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def provider(self, **kwargs: Any) -> EchoProvider:
+        """An `EchoProvider` for this server (with its API key, if it has one); close it with `aclose`."""
+        kwargs.setdefault("api_key", self._api_key)
+        return EchoProvider(self.url, **kwargs)
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections currently open to this server."""
+        server = self._runner.server if self._runner is not None else None
+        return len(server.connections) if server is not None else 0
+
+    async def _body(self, request: web.Request) -> dict[str, Any] | None:
+        cached = _parsed.get()
+        if cached is not None and cached[0] is request:
+            return cached[1]
+        try:
+            parsed = json.loads(await request.read())
+        except ValueError:
+            parsed = None
+        body = parsed if isinstance(parsed, dict) else None
+        _parsed.set((request, body))
+        return body
+
+    def _parse(self, body: dict[str, Any] | None) -> ChatRequest:
+        if body is None:
+            raise ConfigError("the body must be a JSON object")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ConfigError("messages must be a list of {role, content} objects")
+        return ChatRequest(
+            model=body.get("model", ""),
+            messages=[{"role": m.get("role"), "content": m.get("content")} for m in messages],
+            max_tokens=body.get("max_tokens", 256),
+        )
+
+    async def _token_cost(self, request: web.Request) -> int:
+        try:
+            req = self._parse(await self._body(request))
+        except (ConfigError, TypeError, ValueError):
+            return 0
+        return await self.tokens.acount_request(req) + req.max_tokens
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        if self._api_key is not None and request.headers.get("Authorization") != f"Bearer {self._api_key}":
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "Incorrect API key provided.",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "invalid_api_key",
+                    }
+                },
+                status=401,
+            )
+        body = await self._body(request)
+        try:
+            req = self._parse(body)
+        except (ConfigError, TypeError, ValueError) as exc:
+            return web.json_response(
+                {
+                    "error": {
+                        "message": str(exc),
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+                status=400,
+            )
+        assert body is not None
+        prompt_tokens = await self.tokens.acount_request(req)
+        text = echo_answer(body["messages"])
+        enc = await self.tokens.aencoding(req.model)
+        if enc is not None:
+            ids = enc.encode_ordinary(text)
+            cut = ids[: req.max_tokens]
+            pieces = [enc.decode([i]) for i in cut] if body.get("logprobs") else []
+            text, completion_tokens, truncated = enc.decode(cut), len(cut), len(ids) > len(cut)
+        else:  # the byte estimate: one ASCII byte is one "token"
+            truncated = len(text) > req.max_tokens
+            text = text[: req.max_tokens]
+            completion_tokens = len(text)
+            pieces = list(text) if body.get("logprobs") else []
+        record_served(request, prompt_tokens, completion_tokens)
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": "length" if truncated else "stop",
+            "logprobs": _logprobs(pieces, int(body.get("top_logprobs") or 0))
+            if body.get("logprobs")
+            else None,
+        }
+        return web.json_response(
+            {
+                "id": f"chatcmpl-{digest}",
+                "object": "chat.completion",
+                "created": 0,
+                "model": req.model,
+                "choices": [choice],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                    "prompt_tokens_details": {"cached_tokens": 0},
+                },
+            }
+        )
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats.as_dict())
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        self.stats.reset()
+        return web.json_response({"status": "ok"})
+
+
+# -- client side -------------------------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in OpenAI's reset format ("20ms", "1.5s", "6m0s", "1h2m3s"), or None if unparseable."""
+    text = text.strip()
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            return None
+        value, unit = float(match.group(1)), match.group(2)
+        total += value * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+        pos = match.end()
+    return total if pos == len(text) and pos > 0 else None
+
+
+def _int_header(headers: Mapping[str, str], name: str) -> int | None:
+    value = headers.get(name)
+    try:
+        return int(float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def parse_rate_limit_headers(headers: Mapping[str, str]) -> RateLimitInfo | None:
+    """`RateLimitInfo` from OpenAI-style `x-ratelimit-*` headers, or None when there are none."""
+    if "x-ratelimit-limit-requests" not in headers and "x-ratelimit-limit-tokens" not in headers:
+        return None
+    resets = [parse_duration(headers.get(f"x-ratelimit-reset-{u}", "")) for u in ("requests", "tokens")]
+    known = [r for r in resets if r is not None]
+    return RateLimitInfo(
+        requests_limit=_int_header(headers, "x-ratelimit-limit-requests"),
+        requests_remaining=_int_header(headers, "x-ratelimit-remaining-requests"),
+        tokens_limit=_int_header(headers, "x-ratelimit-limit-tokens"),
+        tokens_remaining=_int_header(headers, "x-ratelimit-remaining-tokens"),
+        reset_seconds=max(known) if known else None,
+    )
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("Retry-After")
+    if value is not None:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return None  # an HTTP date: rare from APIs; fall back to backoff
+    return None
+
+
+class RateLimitedWithInfo(RateLimited):
+    """A 429 that also carries the API's rate-limit headers (the scheduler adopts them)."""
+
+    def __init__(self, message: str, *, retry_after: float | None, rate_limits: RateLimitInfo | None) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.rate_limits = rate_limits
+
+
+class EchoProvider:
+    """OpenAI-wire chat provider over aiohttp, for the echo server (tests, benchmarks). No retries here."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        name: str = "echo",
+        max_connections: int = 100,
+        force_close: bool = False,
+    ) -> None:
+        self.name = name
+        self._url = base_url.rstrip("/") + "/v1/chat/completions"
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._limit = max_connections
+        self._force_close = force_close
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:  # never show the key
+        return f"EchoProvider(url={self._url!r}, name={self.name!r})"
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The HTTP session (created on first use, inside the running loop)."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._limit, force_close=self._force_close)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+            )
+        return self._session
+
+    def body(self, request: ChatRequest) -> dict[str, Any]:
+        """The JSON body for `request`."""
+        body: dict[str, Any] = {
+            "model": request.model,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "max_tokens": request.max_tokens,
+        }
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.top_p is not None:
+            body["top_p"] = request.top_p
+        if request.logprobs:
+            body["logprobs"] = True
+            if request.top_logprobs is not None:
+                body["top_logprobs"] = request.top_logprobs
+        body.update(request.extra)
+        return body
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        """Send `request`; map every failure onto the SDK's error types."""
+        try:
+            async with self.session.post(self._url, json=self.body(request), headers=self._headers) as resp:
+                raw = await resp.read()
+                status, headers = resp.status, resp.headers
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            raise ConnectionFailed(f"connection to {self._url} failed: {type(exc).__name__}") from None
+        except asyncio.TimeoutError:
+            raise Timeout(f"no answer from {self._url}") from None
+        if status != 200:
+            raise self._error(status, headers, raw)
+        try:
+            data = json.loads(raw)
+            choice = data["choices"][0]
+            usage = data["usage"]
+            text = choice["message"]["content"]
+            result = Completion(
+                text=text if isinstance(text, str) else "",
+                model=str(data.get("model", request.model)),
+                finish_reason=choice.get("finish_reason"),
+                logprobs=_parse_logprobs(choice.get("logprobs")),
+                usage=Usage(
+                    int(usage["prompt_tokens"]),
+                    int(usage["completion_tokens"]),
+                    int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0),
+                ),
+                rate_limits=parse_rate_limit_headers(headers),
+            )
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise BadResponse(
+                f"malformed answer from {self._url}: {type(exc).__name__}", status=status
+            ) from None
+        return result
+
+    def _error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ProviderError:
+        try:
+            message = str(json.loads(raw)["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            message = raw[:200].decode("utf-8", "replace")
+        message = redact(f"HTTP {status}: {message}")
+        if status == 429:
+            return RateLimitedWithInfo(
+                message, retry_after=_retry_after(headers), rate_limits=parse_rate_limit_headers(headers)
+            )
+        if status in (401, 403):
+            return AuthenticationError(message, status=status)
+        if status == 408:
+            return Timeout(message, status=status)
+        if status >= 500:
+            return ServerError(message, status=status)
+        return InvalidRequest(message, status=status)
+
+    async def aclose(self) -> None:
+        """Close the HTTP session."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _parse_logprobs(value: Any) -> tuple[TokenLogprob, ...] | None:
+    if not value or value.get("content") is None:
+        return None
+    return tuple(
+        TokenLogprob(
+            str(item["token"]),
+            float(item["logprob"]),
+            tuple((str(alt["token"]), float(alt["logprob"])) for alt in item.get("top_logprobs") or ()),
+        )
+        for item in value["content"]
+    )
+
+
+# -- standalone --------------------------------------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    faults = FaultConfig(**json.loads(args.faults)) if args.faults else None
+    limits = (
+        ServerLimits(rpm=args.rpm, tpm=args.tpm, burst_seconds=args.burst) if args.rpm or args.tpm else None
+    )
+    async with EchoServer(faults=faults, limits=limits, port=args.port, api_key=args.api_key) as server:
+        await server.tokens.aencoding(args.warm_model)  # load the encoding before the first request
+        print(json.dumps({"url": server.url}), flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry: serve until SIGTERM/SIGINT."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--rpm", type=float, default=None)
+    parser.add_argument("--tpm", type=float, default=None)
+    parser.add_argument("--burst", type=float, default=1.0, help="GCRA tolerance in seconds")
+    parser.add_argument("--faults", default=None, help="FaultConfig fields as JSON")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--warm-model", default="gpt-4o-mini", help="load this model's encoding at start")
+    asyncio.run(_serve(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,350 @@
+"""The hard budget: tokens and USD, reserved at their worst case before a request is sent.
+
+Every request reserves its worst case (prompt tokens + max output tokens, priced as uncached input and
+full output) before it is sent, and settles to its actual usage when the answer arrives. The check is
+`spent + reserved + worst case <= limit`, so the limit holds even with hundreds of requests in flight.
+When a request does not fit only because others are still in flight, it waits for them to settle (they
+usually spend less than they reserved); when it cannot fit even then, it gets `BudgetExceeded`.
+
+A request whose outcome is unknown (timeout, dropped connection, malformed answer, cancellation after it
+was sent) is charged its full reservation: the API may well have billed it, and the budget is hard.
+
+Money is kept in integer picodollars (1e-12 USD), prices rounded up, so sums are exact and never drift
+below the truth.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from types import MappingProxyType
+from typing import Any
+
+import anyio
+import attrs
+
+from ..errors import BudgetExceeded, ConfigError
+from ..providers import Usage
+from ._checks import check_number
+
+__all__ = [
+    "DEFAULT_PRICES",
+    "PRICES_AS_OF",
+    "Budget",
+    "BudgetLedger",
+    "Price",
+    "PriceTable",
+    "Reservation",
+    "Spend",
+]
+
+_PICO_PER_USD = 10**12
+
+
+def _non_negative_price(_inst: object, attr: attrs.Attribute[Any], value: float | None) -> None:
+    allow_none = attr.name == "cached_input"
+    check_number(f"Price.{attr.name}", value, strict=False, allow_none=allow_none, unit="USD per 1M tokens")
+
+
+@attrs.frozen
+class Price:
+    """A model's list price in USD per 1M tokens; `cached_input` defaults to the input price."""
+
+    input: float = attrs.field(validator=_non_negative_price)
+    output: float = attrs.field(validator=_non_negative_price)
+    cached_input: float | None = attrs.field(default=None, validator=_non_negative_price)
+
+    def pico_per_token(self) -> tuple[int, int, int]:
+        """(input, output, cached input) in picodollars per token, rounded up."""
+
+        def conv(usd_per_mtok: float) -> int:
+            # USD per 1e6 tokens -> 1e12 pico per 1e6 tokens = 1e6 pico per token per USD/Mtok
+            return int((Decimal(str(usd_per_mtok)) * 10**6).to_integral_value(ROUND_CEILING))
+
+        cached = self.input if self.cached_input is None else self.cached_input
+        return conv(self.input), conv(self.output), conv(cached)
+
+
+PRICES_AS_OF = "2025-06"
+# List prices (USD per 1M tokens) as published by the vendors around PRICES_AS_OF. A convenience only:
+# prices change, so pass your own with `prices=` when the budget matters.
+DEFAULT_PRICES: Mapping[str, Price] = MappingProxyType(
+    {
+        "gpt-4o": Price(2.50, 10.00, 1.25),
+        "gpt-4o-mini": Price(0.15, 0.60, 0.075),
+        "gpt-4.1": Price(2.00, 8.00, 0.50),
+        "gpt-4.1-mini": Price(0.40, 1.60, 0.10),
+        "gpt-4.1-nano": Price(0.10, 0.40, 0.025),
+        "o3-mini": Price(1.10, 4.40, 0.55),
+        "o4-mini": Price(1.10, 4.40, 0.275),
+        "gpt-3.5-turbo": Price(0.50, 1.50),
+        "claude-3-haiku": Price(0.25, 1.25, 0.03),
+        "claude-3-5-haiku": Price(0.80, 4.00, 0.08),
+        "claude-3-5-sonnet": Price(3.00, 15.00, 0.30),
+        "claude-3-7-sonnet": Price(3.00, 15.00, 0.30),
+        "claude-sonnet-4": Price(3.00, 15.00, 0.30),
+        "claude-opus-4": Price(15.00, 75.00, 1.50),
+    }
+)
+
+# Dated snapshots share their family's price: gpt-4o-2024-08-06, claude-3-5-haiku-20241022, ...-latest.
+_SNAPSHOT_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
+
+
+class PriceTable:
+    """Model -> `Price`: the user's prices first, then (unless `defaults=False`) `DEFAULT_PRICES`.
+
+    Lookup is by exact name, then by the name without a dated snapshot suffix; never by a looser prefix,
+    because charging "gpt-4o-mini-tts" at "gpt-4o-mini" prices could break a hard budget.
+    """
+
+    def __init__(self, prices: Mapping[str, Price] | None = None, *, defaults: bool = True) -> None:
+        table: dict[str, Price] = dict(DEFAULT_PRICES) if defaults else {}
+        for model, price in (prices or {}).items():
+            if not isinstance(model, str) or not model:
+                raise ConfigError(f"price table keys must be model names, got {model!r}")
+            if not isinstance(price, Price):
+                raise ConfigError(f"price for {model!r} must be a Price(input=..., output=...): {price!r}")
+            table[model] = price
+        self._table = table
+
+    def get(self, model: str) -> Price | None:
+        """The price of `model`, or None when the table has none."""
+        price = self._table.get(model)
+        if price is None:
+            base = _SNAPSHOT_SUFFIX.sub("", model)
+            if base != model:
+                price = self._table.get(base)
+        return price
+
+    def require(self, model: str) -> Price:
+        """The price of `model`, or a ConfigError that says how to supply one."""
+        price = self.get(model)
+        if price is None:
+            raise ConfigError(
+                f"no price for model {model!r}; a USD budget needs one: "
+                f"pass prices={{{model!r}: Price(input=..., output=...)}} (USD per 1M tokens)"
+            )
+        return price
+
+
+def _positive(_inst: object, attr: attrs.Attribute[Any], value: float | None) -> None:
+    check_number(f"Budget.{attr.name}", value, integer=attr.name == "tokens", allow_none=True)
+
+
+@attrs.frozen
+class Budget:
+    """A hard cap on total tokens (input + output) and/or USD for everything a scheduler sends."""
+
+    tokens: int | None = attrs.field(default=None, validator=_positive)
+    usd: float | None = attrs.field(default=None, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.tokens is None and self.usd is None:
+            raise ConfigError("a Budget needs tokens=..., usd=... or both (pass budget=None for no cap)")
+
+
+@attrs.frozen
+class Spend:
+    """What was spent (settled) so far, and what is reserved by requests in flight."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    unknown_tokens: int = 0  # charged at worst case because the outcome was unknown
+    usd: float = 0.0
+    requests: int = 0
+    reserved_tokens: int = 0
+    reserved_usd: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        """Total tokens spent (input + output + charged unknown)."""
+        return self.input_tokens + self.output_tokens + self.unknown_tokens
+
+
+@attrs.define(slots=True)
+class Reservation:
+    """A worst case held against the budget until it is settled, released or charged (exactly once)."""
+
+    tokens: int
+    pico: int
+    open: bool = True
+
+
+def usd_to_pico(usd: float) -> int:
+    """USD -> integer picodollars, rounded down (a limit never grows by rounding)."""
+    return int((Decimal(str(usd)) * _PICO_PER_USD).to_integral_value(ROUND_FLOOR))
+
+
+class BudgetLedger:
+    """Reservations and spend against an optional `Budget` (single event loop; no locks needed)."""
+
+    def __init__(self, budget: Budget | None = None) -> None:
+        self.budget = budget
+        self._limit_tokens = budget.tokens if budget is not None else None
+        self._limit_pico = usd_to_pico(budget.usd) if budget is not None and budget.usd is not None else None
+        self._spent_tokens = 0
+        self._spent_pico = 0
+        self._reserved_tokens = 0
+        self._reserved_pico = 0
+        self._input = 0
+        self._output = 0
+        self._cached = 0
+        self._unknown = 0
+        self._requests = 0
+        self._waiters = 0
+        self._changed: anyio.Event | None = None
+
+    @property
+    def reserved_tokens(self) -> int:
+        """Tokens held by requests in flight."""
+        return self._reserved_tokens
+
+    @property
+    def spent_pico(self) -> int:
+        """Settled spend in picodollars."""
+        return self._spent_pico
+
+    def spend(self) -> Spend:
+        """A snapshot of spend and reservations."""
+        return Spend(
+            input_tokens=self._input,
+            output_tokens=self._output,
+            cached_tokens=self._cached,
+            unknown_tokens=self._unknown,
+            usd=self._spent_pico / _PICO_PER_USD,
+            requests=self._requests,
+            reserved_tokens=self._reserved_tokens,
+            reserved_usd=self._reserved_pico / _PICO_PER_USD,
+        )
+
+    def _never_fits(self, tokens: int, pico: int) -> bool:
+        return (self._limit_tokens is not None and self._spent_tokens + tokens > self._limit_tokens) or (
+            self._limit_pico is not None and self._spent_pico + pico > self._limit_pico
+        )
+
+    def _fits_now(self, tokens: int, pico: int) -> bool:
+        lt, lp = self._limit_tokens, self._limit_pico
+        return (lt is None or self._spent_tokens + self._reserved_tokens + tokens <= lt) and (
+            lp is None or self._spent_pico + self._reserved_pico + pico <= lp
+        )
+
+    def _exceeded(self, tokens: int, pico: int) -> BudgetExceeded:
+        spent = self.spend()
+        parts = []
+        if self._limit_tokens is not None:
+            parts.append(f"{spent.tokens} of {self._limit_tokens} tokens spent, next needs up to {tokens}")
+        if self._limit_pico is not None:
+            parts.append(
+                f"${spent.usd:.6f} of ${self._limit_pico / _PICO_PER_USD:.6f} spent, "
+                f"next needs up to ${pico / _PICO_PER_USD:.6f}"
+            )
+        return BudgetExceeded("budget exhausted: " + "; ".join(parts), spent=spent)
+
+    def try_reserve(self, tokens: int, pico: int) -> Reservation | None:
+        """Reserve now if it fits; None if it must wait for requests in flight; BudgetExceeded if never."""
+        if self._never_fits(tokens, pico):
+            raise self._exceeded(tokens, pico)
+        if not self._fits_now(tokens, pico):
+            return None
+        self._reserved_tokens += tokens
+        self._reserved_pico += pico
+        return Reservation(tokens, pico)
+
+    async def reserve(self, tokens: int, pico: int) -> Reservation:
+        """Reserve a worst case, waiting while requests in flight hold the room it needs."""
+        res = self.try_reserve(tokens, pico)
+        while res is None:
+            # Something is reserved (else it would fit), so a settle will come and wake us.
+            if self._changed is None:
+                self._changed = anyio.Event()
+            event = self._changed
+            self._waiters += 1
+            try:
+                await event.wait()
+            finally:
+                self._waiters -= 1
+            res = self.try_reserve(tokens, pico)
+        return res
+
+    def _close(self, res: Reservation) -> bool:
+        if not res.open:
+            return False
+        res.open = False
+        self._reserved_tokens -= res.tokens
+        self._reserved_pico -= res.pico
+        return True
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def release(self, res: Reservation) -> None:
+        """Nothing was spent (never sent, or the API refused before doing work): free the room."""
+        if self._close(res):
+            self._notify()
+
+    def charge_reserved(self, res: Reservation) -> None:
+        """The outcome is unknown: spend the whole reservation."""
+        if self._close(res):
+            self._spent_tokens += res.tokens
+            self._spent_pico += res.pico
+            self._unknown += res.tokens
+            self._requests += 1
+            self._notify()
+
+    def settle(self, res: Reservation, usage: Usage, pico: int) -> bool:
+        """Spend the actual usage; returns False when it exceeded the reservation (a bad worst case)."""
+        if not self._close(res):
+            return True
+        tokens = usage.input_tokens + usage.output_tokens
+        self._spent_tokens += tokens
+        self._spent_pico += pico
+        self._input += usage.input_tokens
+        self._output += usage.output_tokens
+        self._cached += usage.cached_tokens
+        self._requests += 1
+        self._notify()
+        return tokens <= res.tokens and pico <= res.pico
+
+
+@attrs.frozen
+class ModelPrice:
+    """A model's price in picodollars per token, bound once (None = unpriced: costs count as 0)."""
+
+    model: str
+    input: int
+    output: int
+    cached: int
+    priced: bool
+
+    @classmethod
+    def of(cls, model: str, price: Price | None) -> ModelPrice:
+        """Bind `price` (or no price) to `model`."""
+        if price is None:
+            return cls(model, 0, 0, 0, False)
+        i, o, c = price.pico_per_token()
+        return cls(model, i, o, min(c, i), True)  # a cached token never costs more than an uncached one
+
+    def worst(self, input_tokens: int, output_tokens: int) -> int:
+        """Picodollars of a request at its worst case (all input uncached, full output)."""
+        return input_tokens * self.input + output_tokens * self.output
+
+    def cost(self, usage: Usage) -> int:
+        """Picodollars of an actual usage."""
+        cached = min(usage.cached_tokens, usage.input_tokens)
+        uncached = usage.input_tokens - cached
+        return uncached * self.input + cached * self.cached + usage.output_tokens * self.output
+
+
+def bind_prices(models: Iterable[str], table: PriceTable, *, required: bool) -> dict[str, ModelPrice]:
+    """Look up every model's price up front; with `required` (a USD budget) a missing one is an error."""
+    out: dict[str, ModelPrice] = {}
+    for model in models:
+        if not isinstance(model, str) or not model:
+            raise ConfigError(f"models must be non-empty model names, got {model!r}")
+        out[model] = ModelPrice.of(model, table.require(model) if required else table.get(model))
+    return out

@@ -1,0 +1,249 @@
+"""The response cache: in memory, and optionally in a SQLite file so a stopped run does not pay twice.
+
+Keys are hex SHA-256 digests of a canonical request (`cache_key`). Values are JSON-serialisable results
+plus the `Usage` they cost. The memory layer answers on the event loop with no I/O. The SQLite layer
+(stdlib sqlite3, WAL, file created 0600) is written by one background thread that batches inserts, so
+the event loop never waits for a disk write; at open, the keys on disk are read (in a worker thread) so
+a miss that is not on disk costs no I/O either, and a hit on disk is read in a worker thread.
+
+Durability: a result is committed within milliseconds of being stored; `flush()` waits until everything
+stored so far is committed (a checkpoint). A killed process loses at most the results of that last
+moment, which are then simply asked again.
+
+Cached values are shared between callers: treat them as read-only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import sqlite3
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import anyio
+import attrs
+import structlog
+
+from ..errors import ConfigError
+from ..providers import Usage
+from ._checks import check_number
+
+__all__ = ["CachedValue", "ResponseCache", "cache_key"]
+
+_log = structlog.get_logger("evomerge_sdk.cache")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL
+) WITHOUT ROWID
+"""
+_BATCH = 256
+
+
+def cache_key(*parts: str) -> str:
+    """A cache key: the hex SHA-256 of the parts (which should be canonical, e.g. sorted-keys JSON)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode("utf-8"))
+        h.update(b"\x1f")  # unit separator: ("ab", "c") and ("a", "bc") differ
+    return h.hexdigest()
+
+
+@attrs.frozen
+class CachedValue:
+    """A cached result and the usage it cost when it was first obtained."""
+
+    value: Any
+    usage: Usage
+
+
+class _Writer(threading.Thread):
+    """Owns the write connection; commits batches as they come; a `threading.Event` item is a flush mark."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(name="evomerge-cache-writer", daemon=True)
+        self.path = path
+        self.items: queue.SimpleQueue[tuple[str, Any, Usage] | threading.Event | None] = queue.SimpleQueue()
+        self.errors = 0
+
+    def run(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: survives a process crash
+            stop = False
+            while not stop:
+                batch: list[tuple[str, str, int, int, int]] = []
+                marks: list[threading.Event] = []
+                item = self.items.get()
+                while True:
+                    if item is None:
+                        stop = True
+                    elif isinstance(item, threading.Event):
+                        marks.append(item)
+                    else:
+                        row = self._row(item)
+                        if row is not None:
+                            batch.append(row)
+                    if stop or len(batch) >= _BATCH:
+                        break
+                    try:
+                        item = self.items.get_nowait()
+                    except queue.Empty:
+                        break
+                if batch:
+                    try:
+                        with conn:
+                            conn.executemany("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)", batch)
+                    except sqlite3.Error as exc:
+                        self.errors += len(batch)
+                        _log.error("cache_write_failed", rows=len(batch), error=repr(exc))
+                for mark in marks:
+                    mark.set()
+        finally:
+            conn.close()
+
+    def _row(self, item: tuple[str, Any, Usage]) -> tuple[str, str, int, int, int] | None:
+        key, value, usage = item
+        try:
+            text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            self.errors += 1
+            _log.error("cache_value_not_json", key=key[:16], error=f"{type(exc).__name__}: {exc}")
+            return None
+        return key, text, usage.input_tokens, usage.output_tokens, usage.cached_tokens
+
+
+class ResponseCache:
+    """Memory (optionally LRU-bounded) in front of an optional SQLite file. Open it before use.
+
+    A `Scheduler` opens and closes the cache it is given; one cache may serve several schedulers in turn.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str] | None = None, *, max_memory_entries: int | None = None
+    ) -> None:
+        check_number("max_memory_entries", max_memory_entries, integer=True, allow_none=True)
+        self.path = os.fspath(path) if path is not None else None
+        if self.path is not None and os.path.isdir(self.path):
+            raise ConfigError(f"cache path {self.path!r} is a directory; give a file name")
+        self._max = max_memory_entries
+        self._memory: OrderedDict[str, CachedValue] = OrderedDict()
+        self._on_disk: set[str] = set()
+        self._writer: _Writer | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        self._opens = 0
+
+    def __len__(self) -> int:
+        return len(self._memory) + sum(1 for k in self._on_disk if k not in self._memory)
+
+    @property
+    def write_errors(self) -> int:
+        """Results that could not be written to disk (not JSON-serialisable, or a SQLite error)."""
+        return self._writer.errors if self._writer is not None else 0
+
+    async def open(self) -> None:
+        """Open the SQLite file (creating it user-only, mode 0600) and read its keys, off the event loop."""
+        self._opens += 1
+        if self._opens > 1 or self.path is None:
+            return
+        try:
+            await anyio.to_thread.run_sync(self._open_sync)
+        except BaseException:
+            self._opens -= 1
+            raise
+
+    def _open_sync(self) -> None:
+        assert self.path is not None
+        parent = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(parent):
+            raise ConfigError(f"cache path {self.path!r}: folder {parent!r} does not exist")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # sqlite would create it world-readable
+        os.close(fd)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(_SCHEMA)
+            self._on_disk = {row[0] for row in conn.execute("SELECT key FROM responses")}
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise ConfigError(f"cache file {self.path!r} is not a usable SQLite database: {exc}") from exc
+        self._reader = conn
+        self._writer = _Writer(self.path)
+        self._writer.start()
+
+    def get(self, key: str) -> CachedValue | None:
+        """The cached value if it is in memory (no I/O)."""
+        hit = self._memory.get(key)
+        if hit is not None and self._max is not None:
+            self._memory.move_to_end(key)
+        return hit
+
+    def on_disk(self, key: str) -> bool:
+        """Whether `key` is stored in the SQLite file (known without I/O)."""
+        return key in self._on_disk
+
+    async def load(self, key: str) -> CachedValue | None:
+        """Read `key` from the SQLite file in a worker thread (and keep it in memory)."""
+        if self._reader is None or key not in self._on_disk:
+            return None
+        hit = await anyio.to_thread.run_sync(self._read_sync, key)
+        if hit is not None:
+            self._remember(key, hit)
+        return hit
+
+    def _read_sync(self, key: str) -> CachedValue | None:
+        assert self._reader is not None
+        with self._read_lock:
+            row = self._reader.execute(
+                "SELECT value, input_tokens, output_tokens, cached_tokens FROM responses WHERE key = ?",
+                (key,),
+            ).fetchone()
+        if row is None:
+            return None
+        return CachedValue(json.loads(row[0]), Usage(row[1], row[2], row[3]))
+
+    def put(self, key: str, value: Any, usage: Usage) -> None:
+        """Store a result: in memory now, on disk by the writer thread shortly after."""
+        hit = CachedValue(value, usage)
+        self._remember(key, hit)
+        if self._writer is not None:
+            self._writer.items.put((key, value, usage))
+            self._on_disk.add(key)
+
+    def _remember(self, key: str, hit: CachedValue) -> None:
+        self._memory[key] = hit
+        if self._max is not None and len(self._memory) > self._max:
+            self._memory.popitem(last=False)
+
+    async def flush(self) -> None:
+        """Wait until every result stored so far is committed to the SQLite file (a checkpoint)."""
+        if self._writer is None:
+            return
+        mark = threading.Event()
+        self._writer.items.put(mark)
+        await anyio.to_thread.run_sync(mark.wait)
+
+    async def aclose(self) -> None:
+        """Commit what is pending and close the file (the memory layer stays usable)."""
+        if self._opens == 0:
+            return
+        self._opens -= 1
+        if self._opens > 0:
+            return
+        writer, reader = self._writer, self._reader
+        self._writer = self._reader = None
+        if writer is not None:
+            writer.items.put(None)
+            with anyio.CancelScope(shield=True):  # a cancelled shutdown must still finish the write
+                await anyio.to_thread.run_sync(writer.join)
+        if reader is not None:
+            reader.close()

@@ -1,0 +1,189 @@
+"""The response cache: memory, SQLite persistence (0600, off-loop writes), and resuming a killed run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import stat
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from evomerge_sdk import ChatRequest, ConfigError, Usage
+from evomerge_sdk.local.echo_server import EchoServer
+from evomerge_sdk.scheduler import ResponseCache, Scheduler, cache_key
+
+
+def _modes(path: Path) -> dict[str, int]:
+    """Permission bits of the database file and its WAL companions that exist."""
+    found = {}
+    for suffix in ("", "-wal", "-shm"):
+        f = Path(f"{path}{suffix}")
+        if f.exists():
+            found[suffix] = stat.S_IMODE(f.stat().st_mode)
+    return found
+
+
+def _rows(path: Path) -> list[str]:
+    with sqlite3.connect(path) as conn:
+        return [r[0] for r in conn.execute("SELECT value FROM responses")]
+
+
+def test_keys_are_stable_and_separate_their_parts() -> None:
+    assert cache_key("a", "b") == cache_key("a", "b")
+    assert cache_key("ab", "c") != cache_key("a", "bc")
+    assert len(cache_key("x")) == 64
+
+
+def test_bad_cache_settings_fail_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="max_memory_entries"):
+        ResponseCache(max_memory_entries=0)
+    with pytest.raises(ConfigError, match="directory"):
+        ResponseCache(tmp_path)
+    with pytest.raises(ConfigError, match="cache must be"):
+        Scheduler(cache=3.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_memory_cache_with_lru_bound() -> None:
+    cache = ResponseCache(max_memory_entries=2)
+    await cache.open()
+    cache.put("a", {"v": 1}, Usage(1, 1))
+    cache.put("b", {"v": 2}, Usage(1, 1))
+    assert cache.get("a") is not None  # touch a: b is now the oldest
+    cache.put("c", {"v": 3}, Usage(1, 1))
+    assert cache.get("b") is None
+    assert cache.get("a") is not None and cache.get("c") is not None
+    await cache.aclose()
+
+
+@pytest.mark.anyio
+async def test_sqlite_cache_persists_user_only(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite"
+    cache = ResponseCache(path)
+    await cache.open()
+    for i in range(300):
+        cache.put(f"k{i}", {"text": f"answer {i}", "n": [i, i + 1]}, Usage(i, 2 * i, 0))
+    await cache.flush()
+    assert _modes(path) and set(_modes(path).values()) == {0o600}
+    await cache.aclose()
+
+    again = ResponseCache(path)
+    await again.open()
+    assert again.get("k7") is None  # not in memory yet...
+    assert again.on_disk("k7") and not again.on_disk("nope")  # ...but known without I/O
+    hit = await again.load("k7")
+    assert hit is not None and hit.value == {"text": "answer 7", "n": [7, 8]} and hit.usage == Usage(7, 14, 0)
+    assert again.get("k7") is not None
+    assert len(again) == 300
+    await again.aclose()
+
+
+@pytest.mark.anyio
+async def test_values_that_are_not_json_are_counted_not_fatal(tmp_path: Path) -> None:
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    await cache.open()
+    cache.put("bad", {"x": {1, 2}}, Usage())
+    cache.put("good", {"x": 1}, Usage())
+    await cache.flush()
+    assert cache.write_errors == 1
+    assert cache.on_disk("good")
+    await cache.aclose()
+    with sqlite3.connect(tmp_path / "c.sqlite") as conn:
+        assert [r[0] for r in conn.execute("SELECT key FROM responses")] == ["good"]
+
+
+@pytest.mark.anyio
+async def test_a_file_that_is_not_sqlite_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "junk.sqlite"
+    path.write_bytes(b"this is not a database, just some bytes " * 100)
+    with pytest.raises(ConfigError, match="not a usable SQLite database"):
+        await ResponseCache(path).open()
+
+
+_RUN = """
+import anyio, sys, json
+from evomerge_sdk import ChatRequest
+from evomerge_sdk.scheduler import Scheduler
+from evomerge_sdk.local.echo_server import EchoProvider
+
+async def main() -> None:
+    provider = EchoProvider(sys.argv[1])
+    async with Scheduler(max_concurrency=1, cache=sys.argv[2]) as s:
+        for i in range(int(sys.argv[3])):
+            request = ChatRequest(model="gpt-4o-mini", messages=f"question {i}", max_tokens=8)
+            await s.complete(provider, request)
+            print(i, flush=True)
+            await anyio.sleep(0.02)
+    await provider.aclose()
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.anyio
+async def test_a_killed_run_resumes_from_its_cache_without_paying_twice(tmp_path: Path) -> None:
+    n = 40
+    path = tmp_path / "run.sqlite"
+    async with EchoServer() as server:
+        proc = await anyio.open_process([sys.executable, "-c", _RUN, server.url, str(path), str(n)])
+        assert proc.stdout is not None
+        seen = b""
+        with anyio.fail_after(60):  # a hang guard
+            async for chunk in proc.stdout:
+                seen += chunk
+                if seen.count(b"\n") >= 10:
+                    break
+        proc.send_signal(signal.SIGKILL)  # no clean shutdown, no final flush
+        await proc.wait()
+        await proc.aclose()
+        first_run = server.stats.served_requests
+        with sqlite3.connect(path) as conn:
+            committed = conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        assert 1 <= committed <= first_run < n
+
+        provider = server.provider()
+        async with Scheduler(cache=path) as s:
+            answers = [
+                await s.complete(
+                    provider, ChatRequest(model="gpt-4o-mini", messages=f"question {i}", max_tokens=8)
+                )
+                for i in range(n)
+            ]
+            m = s.metrics()
+        await provider.aclose()
+    assert [a.text for a in answers] == [f"echo: question {i}" for i in range(n)]
+    assert m.cache_hits == committed
+    assert server.stats.served_requests - first_run == n - committed  # only the missing ones were paid
+
+
+@pytest.mark.anyio
+async def test_checkpoint_flush_makes_results_durable(tmp_path: Path) -> None:
+    path = tmp_path / "cp.sqlite"
+    async with EchoServer() as server:
+        provider = server.provider()
+        async with Scheduler(cache=path) as s:
+            async with anyio.create_task_group() as tg:
+                for i in range(25):
+                    tg.start_soon(
+                        s.complete, provider, ChatRequest(model="gpt-4", messages=f"q{i}", max_tokens=4)
+                    )
+            await s.flush()
+            with sqlite3.connect(path) as conn:  # another reader sees everything after the flush
+                assert conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 25
+        await provider.aclose()
+    rows = _rows(path)
+    assert len(rows) == 25 and all(json.loads(r)["text"].startswith("echo: q") for r in rows)
+
+
+def test_the_echo_server_is_loopback_only() -> None:
+    with pytest.raises(ConfigError, match="loopback"):
+        EchoServer(host="0.0.0.0")
+
+
+def test_canonical_request_keys_differ_by_provider() -> None:
+    req = ChatRequest(model="m", messages="x")
+    assert cache_key("chat/v1", "a", req.canonical_json()) != cache_key("chat/v1", "b", req.canonical_json())
