@@ -100,7 +100,7 @@ def task_arithmetic_grid(n_models: int) -> list[float]:
     """Default lambda grid: values around 1/N (this merge scales as N lambda^2) plus the usual 0.1..1."""
     _check_n(n_models)
     near = [k / n_models for k in (0.25, 0.5, 1.0, 2.0, 4.0)]
-    return sorted({round(v, 12) for v in [*near, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0] if 0 < v <= 1.5})
+    return sorted({v for v in [*near, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0] if 0 < v <= 1.5})
 
 
 async def task_arithmetic(

@@ -578,9 +578,7 @@ class CMA:
             upper = bound(state["upper"], np.inf)
             mean = _decode(state["mean"])
             # Build with a feasible stand-in mean, then overwrite every state variable.
-            centre = np.clip(
-                np.where(np.isfinite(lower) & np.isfinite(upper), (lower + upper) / 2, 0.0), lower, upper
-            )
+            centre = np.clip(np.zeros(n), lower, upper)
             es = cls(
                 centre,
                 float(state["sigma"]),

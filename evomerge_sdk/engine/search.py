@@ -695,7 +695,11 @@ class EvoMerge:
         except BudgetExceeded:
             if state.incumbent is None:
                 raise
-            return self._result(state, StopReason.BUDGET_EXCEEDED)
+            partial = []
+            if state.es is not None:
+                name = stages[state.stage_index][0]
+                partial = [self._stage_result(state, name, StopReason.BUDGET_EXCEEDED)]
+            return self._result(state, StopReason.BUDGET_EXCEEDED, partial)
         result = self._result(state, state.stages[-1].stop_reason)
         await self._save(state, result)
         return result
@@ -822,30 +826,32 @@ class EvoMerge:
         else:
             state.since_improvement += 1
 
+    def _stage_result(self, state: _RunState, name: str, reason: StopReason) -> StageResult:
+        es, inc = state.es, state.incumbent
+        assert es is not None and inc is not None
+        return StageResult(
+            name=name,
+            candidate=inc.candidate,
+            loss=inc.loss,
+            fitness=inc.fitness,
+            evaluations=state.stage_evaluations,
+            generations=state.stage_generation,
+            stop_reason=reason,
+            mean=es.mean,
+            sigma=es.sigma,
+        )
+
     def _end_stage(self, state: _RunState, name: str, reason: StopReason) -> None:
-        es = state.es
-        assert es is not None
         if state.incumbent is None:
             raise EvomergeError(f"stage {name!r}: the objective returned no finite loss for any candidate")
-        inc = state.incumbent
-        state.stages.append(
-            StageResult(
-                name=name,
-                candidate=inc.candidate,
-                loss=inc.loss,
-                fitness=inc.fitness,
-                evaluations=state.stage_evaluations,
-                generations=state.stage_generation,
-                stop_reason=reason,
-                mean=es.mean,
-                sigma=es.sigma,
-            )
-        )
+        state.stages.append(self._stage_result(state, name, reason))
         state.stage_index += 1
         state.es = None
         state.fixed = None
 
-    def _result(self, state: _RunState, reason: StopReason) -> SearchResult:
+    def _result(
+        self, state: _RunState, reason: StopReason, partial: Sequence[StageResult] = ()
+    ) -> SearchResult:
         inc = state.incumbent
         assert inc is not None
         return SearchResult(
@@ -858,6 +864,6 @@ class EvoMerge:
             held_out_evaluations=state.held_out_evaluations,
             nonfinite_evaluations=state.nonfinite,
             held_out_loss=inc.held_out,
-            stages=tuple(state.stages),
+            stages=(*state.stages, *partial),
             history=tuple(state.history),
         )

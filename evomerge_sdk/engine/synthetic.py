@@ -7,7 +7,8 @@ adverse skill enter with positive weight), denoising pays (the noise is dense, t
 per example), and the best merge needs a negative beta. The loss is the mean cross-entropy of the merged
 scores of DESIGN 1.2 against the target's answers, on the split the context asks for.
 
-It is a test bed for the engine, not a language model; `merged_scores` equals `merge_outputs` exactly.
+It is a test bed for the engine, not a language model; `merged_scores` equals `merge_outputs` up to
+float rounding (it sums in another order, from precomputed sparsified task vectors).
 """
 
 from __future__ import annotations
