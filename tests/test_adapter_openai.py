@@ -428,11 +428,18 @@ def test_bad_configuration_fails_at_construction(kwargs: dict[str, Any], needle:
         OpenAIProvider(**kwargs)
 
 
-async def test_non_finite_request_numbers_are_refused_before_sending(
-    server: OpenAIWireServer, provider: OpenAIProvider
+@pytest.mark.parametrize(
+    "request_, needle",
+    [
+        (ChatRequest(model="m", messages="hi", temperature=math.nan), "non-finite"),
+        (ChatRequest(model="m", messages="hi", extra={"stream": True}), "stream"),
+    ],
+)
+async def test_unsendable_requests_are_refused_before_sending(
+    server: OpenAIWireServer, provider: OpenAIProvider, request_: ChatRequest, needle: str
 ) -> None:
-    with pytest.raises(ConfigError, match="non-finite"):
-        await provider.complete(ChatRequest(model="m", messages="hi", temperature=math.nan))
+    with pytest.raises(ConfigError, match=needle):
+        await provider.complete(request_)
     assert server.received == []
 
 

@@ -35,7 +35,7 @@ from evomerge_sdk.errors import (
 )
 from evomerge_sdk.providers import RateLimitInfo
 
-log = structlog.get_logger("evomerge.adapters")
+log = structlog.get_logger(__name__)
 
 # (limit, remaining, seconds until reset) of one rate-limit window, as the headers reported it.
 Window = tuple[int | None, int | None, float | None]
@@ -133,6 +133,8 @@ class HTTPClient:
     ) -> HTTPAnswer:
         if self._closed:
             raise ConfigError(f"the {self.provider} provider is closed")
+        if body.get("stream"):
+            raise ConfigError("stream=True is not supported: a provider returns whole completions")
         try:
             data = json.dumps(body, allow_nan=False, ensure_ascii=False).encode()
         except ValueError as exc:
@@ -162,7 +164,6 @@ class HTTPClient:
             text = raw.decode("utf-8", errors="strict" if status < 300 else "replace")
         except UnicodeDecodeError as exc:
             raise BadResponse(f"{self.provider}: answer is not UTF-8 ({exc})", status=status) from exc
-        log.debug("provider.answer", provider=self.provider, url=self.redact(url), status=status)
         return HTTPAnswer(status, resp_headers, text)
 
     def _parse_json(self, answer: HTTPAnswer) -> Any:
