@@ -105,6 +105,7 @@ class AnthropicProvider(SessionOwner):
 
     name = "anthropic"
     supports_logprobs = False
+    base_url: str
 
     def __init__(
         self,

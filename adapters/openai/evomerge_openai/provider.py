@@ -97,6 +97,7 @@ class OpenAIProvider(SessionOwner):
 
     name = "openai"
     supports_logprobs = True
+    base_url: str
 
     def __init__(
         self,
