@@ -7,7 +7,10 @@ is final.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .providers import RateLimitInfo
 
 __all__ = [
     "AuthenticationError",
@@ -36,9 +39,13 @@ class ConfigError(EvomergeError, ValueError):
 class ProviderError(EvomergeError):
     """A call to a model API failed."""
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, rate_limits: RateLimitInfo | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
+        # What the API said about its limits along with the failure; the scheduler adopts it.
+        self.rate_limits = rate_limits
 
 
 class RetryableError(ProviderError):
@@ -48,8 +55,15 @@ class RetryableError(ProviderError):
 class RateLimited(RetryableError):
     """The API answered 429 (or an equivalent); `retry_after` is its hint in seconds, if it gave one."""
 
-    def __init__(self, message: str, *, retry_after: float | None = None, status: int | None = 429) -> None:
-        super().__init__(message, status=status)
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        status: int | None = 429,
+        rate_limits: RateLimitInfo | None = None,
+    ) -> None:
+        super().__init__(message, status=status, rate_limits=rate_limits)
         self.retry_after = retry_after
 
 

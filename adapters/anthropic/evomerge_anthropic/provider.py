@@ -20,9 +20,7 @@ from typing import Any
 import aiohttp
 
 from evomerge_sdk.errors import ConfigError
-from evomerge_sdk.providers import ChatRequest, Completion, RateLimitInfo, Usage
-
-from ._http import (
+from evomerge_sdk.http import (
     HTTPClient,
     SessionOwner,
     Window,
@@ -33,6 +31,7 @@ from ._http import (
     rate_limit_info,
     tightest,
 )
+from evomerge_sdk.providers import ChatRequest, Completion, RateLimitInfo, Usage
 
 __all__ = ["DEFAULT_API_VERSION", "DEFAULT_BASE_URL", "AnthropicProvider", "parse_rate_limits"]
 

@@ -18,9 +18,7 @@ from urllib.parse import quote
 import aiohttp
 
 from evomerge_sdk.errors import BadResponse, ConfigError
-from evomerge_sdk.providers import ChatRequest, Completion, RateLimitInfo, TokenLogprob, Usage
-
-from ._http import (
+from evomerge_sdk.http import (
     HTTPClient,
     SessionOwner,
     check_base_url,
@@ -29,6 +27,7 @@ from ._http import (
     optional_field,
     rate_limit_info,
 )
+from evomerge_sdk.providers import ChatRequest, Completion, RateLimitInfo, TokenLogprob, Usage
 
 __all__ = ["DEFAULT_BASE_URL", "OpenAIProvider", "parse_duration", "parse_rate_limits"]
 

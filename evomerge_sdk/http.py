@@ -1,8 +1,7 @@
-"""HTTP plumbing of an evomerge adapter: session lifetime, failure mapping, rate-limit headers.
+"""HTTP plumbing shared by every provider: session lifetime, failure mapping, rate-limit headers.
 
-This file ships verbatim in evomerge_openai and evomerge_anthropic (keep the copies identical): adapters
-depend only on evomerge-sdk and aiohttp, and the core does not offer it yet. Each provider module only
-translates its own wire format on top of it.
+Adapters (and the merge-service client) build on it so each provider module only translates its own
+wire format; every status and transport failure maps onto `evomerge_sdk.errors` in one place.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import attrs
 import structlog
 from yarl import URL
 
-from evomerge_sdk.errors import (
+from .errors import (
     AuthenticationError,
     BadResponse,
     ConfigError,
@@ -33,7 +32,7 @@ from evomerge_sdk.errors import (
     ServerError,
     Timeout,
 )
-from evomerge_sdk.providers import RateLimitInfo
+from .providers import RateLimitInfo
 
 log = structlog.get_logger(__name__)
 
@@ -201,8 +200,7 @@ class HTTPClient:
             err = InvalidRequest(text, status=status)
         else:
             err = BadResponse(f"{text} (unexpected status)", status=status)
-        # The scheduler reads the limits off the error (getattr); errors.py declares no field for them yet.
-        vars(err)["rate_limits"] = rate_limits
+        err.rate_limits = rate_limits
         log.debug("provider.error", provider=self.provider, status=status, error=type(err).__name__)
         return err
 
