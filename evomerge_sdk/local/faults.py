@@ -75,7 +75,6 @@ class FaultConfig:
     malformed_rate: float = attrs.field(default=0.0, validator=_rate)
     latency: float = attrs.field(default=0.0, validator=_seconds)
     max_faults_per_request: int | None = 2
-    paths: tuple[str, ...] = attrs.field(default=("/v1/",), converter=tuple)
 
     def __attrs_post_init__(self) -> None:
         total = sum(self._rates())
@@ -205,7 +204,8 @@ class FaultInjector:
     """Fault injection + rate-limit enforcement + served-token accounting, as one aiohttp middleware.
 
     `token_cost(request)` gives the tokens a request counts against TPM (a chat route: prompt tokens +
-    max_tokens, as OpenAI counts); it is required when `limits.tpm` is set.
+    max_tokens, as OpenAI counts); it is required when `limits.tpm` is set. Only requests whose path
+    starts with one of `paths` are limited and faulted (health and stats routes stay reachable).
     """
 
     def __init__(
@@ -215,6 +215,7 @@ class FaultInjector:
         *,
         stats: ServerStats | None = None,
         token_cost: TokenCost | None = None,
+        paths: tuple[str, ...] = ("/v1/",),
     ) -> None:
         if limits is not None and limits.tpm is not None and token_cost is None:
             raise ConfigError("a TPM limit needs token_cost=... to know what each request costs")
@@ -222,6 +223,7 @@ class FaultInjector:
         self.limits = limits
         self.stats = stats if stats is not None else ServerStats()
         self._token_cost = token_cost
+        self.paths = tuple(paths)
         self._seen: Counter[bytes] = Counter()
         self._faulted: Counter[bytes] = Counter()
         self._rpm = Gcra(limits.rpm, tolerance=limits.burst_seconds) if limits and limits.rpm else None
@@ -265,7 +267,7 @@ class FaultInjector:
 
     def _decide(self, request: web.Request, body: bytes) -> str | None:
         faults = self.faults
-        if not faults.active or not request.path.startswith(faults.paths):
+        if not faults.active:
             return None
         digest = hashlib.sha256(
             request.method.encode() + b" " + request.path_qs.encode() + b"\n" + body
@@ -286,6 +288,8 @@ class FaultInjector:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         """The aiohttp middleware (see the class doc)."""
+        if not request.path.startswith(self.paths):
+            return await handler(request)
         stats = self.stats
         stats.requests += 1
         response = await self._handle(request, handler)

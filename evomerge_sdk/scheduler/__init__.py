@@ -10,7 +10,7 @@ budget, limits, retries, cache and metrics. See `core` for the order of work and
 from __future__ import annotations
 
 from .budget import DEFAULT_PRICES, PRICES_AS_OF, Budget, BudgetLedger, ModelPrice, Price, PriceTable, Spend
-from .cache import CachedValue, ResponseCache, cache_key
+from .cache import CachedValue, ResponseCache, cache_key, chat_cache_key
 from .core import CallResult, Outcome, Scheduler
 from .limiter import Gcra, RateLimiter, RateSchedule
 from .metrics import MetricsSnapshot, redact
@@ -39,6 +39,7 @@ __all__ = [
     "Spend",
     "TokenCounter",
     "cache_key",
+    "chat_cache_key",
     "default_encoding_for",
     "load_encoding",
     "redact",

@@ -198,6 +198,11 @@ class BudgetLedger:
         self._changed: anyio.Event | None = None
 
     @property
+    def limited(self) -> bool:
+        """Whether there is any limit to enforce."""
+        return self._limit_tokens is not None or self._limit_pico is not None
+
+    @property
     def reserved_tokens(self) -> int:
         """Tokens held by requests in flight."""
         return self._reserved_tokens
@@ -308,7 +313,7 @@ class BudgetLedger:
         self._cached += usage.cached_tokens
         self._requests += 1
         self._notify()
-        return tokens <= res.tokens and pico <= res.pico
+        return not self.limited or (tokens <= res.tokens and pico <= res.pico)
 
 
 @attrs.frozen
