@@ -36,6 +36,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from importlib.metadata import version
 from typing import Any
 
@@ -125,14 +126,14 @@ async def scheduler_run(url: str, tag: str, n: int, concurrency: int, **kw: Any)
         await provider.aclose()
 
 
-async def overhead(url: str, n: int, concurrency: int, repeats: int) -> dict[str, Any]:
+async def overhead(url: str, n: int, concurrency: int, repeats: int, **kw: Any) -> dict[str, Any]:
     """Alternate raw and scheduler runs; the ratio of the fastest wall times (and of medians)."""
     await raw_run(url, "warm-raw", 200, concurrency)
-    await scheduler_run(url, "warm-s", 200, concurrency)
+    await scheduler_run(url, "warm-s", 200, concurrency, **kw)
     raw, sched = [], []
     for r in range(repeats):
         raw.append(await raw_run(url, f"raw{r}", n, concurrency))
-        sched.append((await scheduler_run(url, f"s{r}", n, concurrency))[0])
+        sched.append((await scheduler_run(url, f"s{r}{kw}", n, concurrency, **kw))[0])
     return {
         # Noise on a shared machine only ever adds time, so the fastest of each is the cleanest estimate.
         "overhead_ratio": min(sched) / min(raw),
@@ -274,11 +275,16 @@ def main() -> None:
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     quick = args.quick
-    repeats = 5 if quick else 9
+    repeats = 3 if quick else 9
     n_seq = 300 if quick else 1500
     rpm = 6000.0
-    n_rate = 800 if quick else 6000  # 8 s / 60 s at 100 requests per second
+    n_rate = 600 if quick else 6000  # 6 s / 60 s at 100 requests per second
     t_start = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def phase(name: str) -> None:
+        phases[name] = round(time.perf_counter() - t_start, 1)
+
     exact = TokenCounter().is_exact(MODEL)
     result: dict[str, Any] = {}
     details: dict[str, Any] = {}
@@ -287,12 +293,20 @@ def main() -> None:
         o = anyio.run(overhead, url, 2000, args.concurrency, repeats)
         details["overhead"] = o
         result["overhead_ratio"] = round(o["overhead_ratio"], 4)
+        if not quick:  # with a budget every prompt is counted with tiktoken and reserved
+            loaded = partial(overhead, budget=Budget(tokens=10**12))
+            ob = anyio.run(loaded, url, 2000, args.concurrency, 5)
+            details["overhead_with_budget"] = ob
+            result["overhead_ratio_with_budget"] = round(ob["overhead_ratio"], 4)
+        phase("overhead")
         sq = anyio.run(sequential, url, n_seq)
         details["sequential"] = sq
         result["per_request_overhead_ms"] = round(sq["per_request_overhead_ms"], 4)
+        phase("sequential")
         b = anyio.run(budget, url, 200, 60_000 if quick else 300_000, False)
         details["budget"] = b
         result["budget_overshoot_tokens"] = b["budget_overshoot_tokens"]
+        phase("budget")
 
     with echo_server("--rpm", str(rpm), "--burst", str(args.burst)) as url:
         r = anyio.run(rate_limited, url, n_rate, rpm, None)
@@ -302,6 +316,7 @@ def main() -> None:
         naive = anyio.run(unlimited, url, 800, 64)
         details["rpm_raw_aiohttp_no_limiter"] = naive
         result["server_429s_raw_aiohttp_no_limiter"] = naive["server_429s"]
+        phase("rpm")
 
     if not quick:
         strict = max(0.05, args.burst / 10)
@@ -332,6 +347,8 @@ def main() -> None:
             details["budget_500_callers"] = anyio.run(budget, url, 500, 300_000, False)
 
     imp = import_seconds(3 if quick else 7)
+    phase("import")
+    details["phases_elapsed_seconds"] = phases
     details["import"] = imp
     result["import_seconds"] = round(imp["import_seconds"], 4)
     result["python_startup_seconds"] = round(imp["python_startup_seconds"], 4)
