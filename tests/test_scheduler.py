@@ -151,6 +151,7 @@ async def test_generic_call_shares_budget_cache_and_metrics() -> None:
 
         with pytest.raises(ConfigError, match="Outcome"):
             await s.call(wrong, model="m", reserve=Usage(1, 0))
+        assert s.spent().reserved_tokens == 0  # the bad return still settled its reservation
         rich = await s.call(lambda: _outcome({"ok": True}), model="m", reserve=Usage(1, 1), label="probe")
         assert rich.value == {"ok": True}
     assert s.metrics().cache_hits == 1

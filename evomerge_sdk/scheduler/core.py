@@ -401,6 +401,7 @@ class Scheduler:
                         else:
                             with anyio.fail_after(self._timeout):
                                 raw = await fn()
+                        out = _outcome(raw)  # a malformed return is an error of a sent request
                     finally:
                         m.in_flight -= 1
             except BaseException as exc:
@@ -439,7 +440,6 @@ class Scheduler:
                 )
                 await anyio.sleep(delay)
                 continue
-            out = raw if isinstance(raw, Outcome) else _outcome(raw)
             usage = out.usage
             cost = price.cost(usage)
             if not ledger.settle(res, usage, cost):
@@ -517,9 +517,21 @@ def _describe(exc: BaseException) -> dict[str, Any]:
 
 
 def _outcome(raw: Any) -> Outcome:
-    if isinstance(raw, tuple) and len(raw) in (2, 3) and isinstance(raw[1], Usage):
-        return Outcome(*raw)
-    raise ConfigError(f"a call function must return an Outcome or (value, Usage), got {type(raw).__name__}")
+    if isinstance(raw, Outcome):
+        out = raw
+    elif isinstance(raw, tuple) and len(raw) in (2, 3):
+        out = Outcome(*raw)
+    else:
+        raise ConfigError(
+            f"a call function must return an Outcome or (value, Usage), got {type(raw).__name__}"
+        )
+    if not isinstance(out.usage, Usage) or not (
+        out.rate_limits is None or isinstance(out.rate_limits, RateLimitInfo)
+    ):
+        raise ConfigError(
+            f"a call function returned a bad usage or rate_limits: {out.usage!r}, {out.rate_limits!r}"
+        )
+    return out
 
 
 def _completion_to_json(c: Completion) -> dict[str, Any]:
