@@ -121,6 +121,11 @@ async def test_each_generation_is_one_objective_call_within_budget(pool: Synthet
     assert result.evaluations == 104 == sum(len(c) for _, c in validation)
     assert result.held_out_evaluations == len(held_out)
     assert [ctx.generation for ctx, _ in validation] == list(range(len(validation)))
+    # A held-out call carries the generation and seed of the validation call it follows.
+    for i, (ctx, _) in enumerate(rec.log):
+        if ctx.split is Split.HELD_OUT:
+            before = rec.log[i - 1][0]
+            assert (ctx.generation, ctx.seed, ctx.stage) == (before.generation, before.seed, before.stage)
     assert len({ctx.seed for ctx, _ in validation}) == len(validation)
     # Stage 1 moves alpha with beta = 1/N; stage 2 moves beta with alpha fixed at stage 1's best.
     stage1 = [c for ctx, cs in validation if ctx.stage == "denoise" for c in cs]

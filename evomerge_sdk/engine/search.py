@@ -7,6 +7,11 @@ when the incumbent's loss on a held-out split stops improving, reports progress 
 after every generation. A run resumed from its checkpoint asks exactly the candidates, and returns
 exactly the result, of an uninterrupted run.
 
+Failure policy: a NaN or infinite loss from the objective ranks its candidate worst (it never becomes the
+best) and is counted in `nonfinite_evaluations`; `BudgetExceeded` from the objective ends the search
+cleanly with the best so far (`stop_reason == BUDGET_EXCEEDED`, checkpoint left resumable); any other
+exception propagates, and the checkpoint of the last complete generation lets the run resume.
+
 Stage 2 starts from stage 1's best: that candidate (beta = 1/N) is already a stage-2 point, so it stays
 the incumbent, re-scored with the stage-2 penalty, until stage 2 finds better. The result is the best
 candidate under the last stage's fitness.
@@ -680,7 +685,7 @@ class EvoMerge:
     # -- running ---------------------------------------------------------------------------------
     async def run(self) -> SearchResult:
         """Run (or resume) the search and return the best merge found."""
-        loaded = self._load()
+        loaded = await anyio.to_thread.run_sync(self._load)
         if loaded is not None and loaded[1] is not None:
             return loaded[1]
         state = loaded[0] if loaded is not None else _RunState()
@@ -710,14 +715,10 @@ class EvoMerge:
         if name == "denoise":
             state.fixed = np.full(n, 1.0 / n)
         else:
+            # Stage 1's best alpha, or the fixed alpha when there was no stage 1.
+            inc = state.incumbent
             state.fixed = (
-                state.incumbent.candidate.alpha.copy()
-                if state.incumbent is not None
-                else (
-                    state.stages[-1].candidate.alpha.copy()
-                    if state.stages
-                    else np.full(n, self.config.fixed_alpha)
-                )
+                inc.candidate.alpha.copy() if inc is not None else np.full(n, self.config.fixed_alpha)
             )
         state.es = CMA(
             start,
@@ -814,7 +815,8 @@ class EvoMerge:
             context = EvaluationContext(
                 split=Split.HELD_OUT,
                 stage=name,
-                generation=state.generation,
+                # The generation (and seed) of the validation call this incumbent came out of.
+                generation=state.generation - 1,
                 seed=derive_seed(self.config.seed, state.stage_index, state.stage_generation),
             )
             (value,) = await evaluate_losses(self.objective, [inc.candidate], context)
