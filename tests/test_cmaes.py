@@ -15,16 +15,19 @@ from evomerge_sdk.errors import ConfigError
 
 
 def sphere(x: np.ndarray) -> np.ndarray:
-    return np.sum(x**2, axis=-1)
+    out: np.ndarray = np.sum(x**2, axis=-1)
+    return out
 
 
 def ellipsoid(x: np.ndarray) -> np.ndarray:
     n = x.shape[-1]
-    return np.sum(10 ** (6 * np.arange(n) / (n - 1)) * x**2, axis=-1)
+    out: np.ndarray = np.sum(10 ** (6 * np.arange(n) / (n - 1)) * x**2, axis=-1)
+    return out
 
 
 def rosenbrock(x: np.ndarray) -> np.ndarray:
-    return np.sum(100 * (x[..., 1:] - x[..., :-1] ** 2) ** 2 + (1 - x[..., :-1]) ** 2, axis=-1)
+    out: np.ndarray = np.sum(100 * (x[..., 1:] - x[..., :-1] ** 2) ** 2 + (1 - x[..., :-1]) ** 2, axis=-1)
+    return out
 
 
 def run(es: CMA, f: object, generations: int) -> None:
@@ -257,6 +260,8 @@ def test_bad_inputs_get_clear_errors() -> None:
     es.ask()
     with pytest.raises(ConfigError, match="expects 5 values"):
         es.tell(np.zeros(4))
+    with pytest.raises(ConfigError, match="real numbers"):
+        es.tell([1.0, "low", 2.0, 3.0, 4.0])  # type: ignore[arg-type]
 
 
 def test_max_evaluations_is_never_exceeded() -> None:

@@ -363,6 +363,7 @@ def test_config_errors() -> None:
     pool = SyntheticPool(4, seed=0)
     with pytest.raises(ConfigError, match="n_models"):
         EvoMerge(pool, 0, SMALL)
+    assert SMALL.scale is not None
     tight = attrs.evolve(SMALL, scale=attrs.evolve(SMALL.scale, lower=0.5))  # 1/N = 0.25 is outside
     with pytest.raises(ConfigError, match="outside the stage bounds"):
         EvoMerge(pool, 4, tight)

@@ -382,7 +382,10 @@ class CMA:
         """Update the distribution from the values of the last asked population, in ask order."""
         if self._asked_z is None or self._asked_y is None:
             raise ConfigError("tell() needs a population from ask() first")
-        f = np.asarray(values, dtype=np.float64)
+        try:
+            f = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"tell() expects real numbers, got {values!r:.200}") from exc
         if f.shape != (self._lam,):
             raise ConfigError(
                 f"tell() expects {self._lam} values (one per asked solution), got shape {f.shape}"
