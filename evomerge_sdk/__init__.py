@@ -38,10 +38,56 @@ from .providers import (
 __version__ = "0.1.0"
 
 # name -> submodule that defines it; imported on first attribute access.
-_LAZY: dict[str, str] = {}
+_ENGINE = (
+    "DEFAULT",
+    "PAPER",
+    "Candidate",
+    "EarlyStopping",
+    "EvaluationContext",
+    "EvoMerge",
+    "Objective",
+    "Progress",
+    "SearchConfig",
+    "SearchResult",
+    "Split",
+    "StageConfig",
+    "ablations",
+    "best_single",
+    "lorahub",
+    "preset",
+    "random_search",
+    "task_arithmetic",
+    "uniform_merge",
+)
+_SCHEDULER = ("Budget", "PriceTable", "RetryPolicy", "Scheduler")
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(_ENGINE, ".engine"),
+    **dict.fromkeys(_SCHEDULER, ".scheduler"),
+}
 
 if TYPE_CHECKING:
-    pass
+    from .engine import (
+        DEFAULT,
+        PAPER,
+        Candidate,
+        EarlyStopping,
+        EvaluationContext,
+        EvoMerge,
+        Objective,
+        Progress,
+        SearchConfig,
+        SearchResult,
+        Split,
+        StageConfig,
+        ablations,
+        best_single,
+        lorahub,
+        preset,
+        random_search,
+        task_arithmetic,
+        uniform_merge,
+    )
+    from .scheduler import Budget, PriceTable, RetryPolicy, Scheduler
 
 
 def __getattr__(name: str) -> Any:
@@ -58,26 +104,48 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "DEFAULT",
+    "PAPER",
     "AuthenticationError",
     "BadResponse",
+    "Budget",
     "BudgetExceeded",
+    "Candidate",
     "ChatRequest",
     "Completion",
     "ConfigError",
     "ConnectionFailed",
+    "EarlyStopping",
+    "EvaluationContext",
+    "EvoMerge",
     "EvomergeError",
     "InvalidRequest",
     "Message",
+    "Objective",
+    "PriceTable",
+    "Progress",
     "Provider",
     "ProviderError",
     "RateLimitInfo",
     "RateLimited",
+    "RetryPolicy",
     "RetryableError",
+    "Scheduler",
+    "SearchConfig",
+    "SearchResult",
     "ServerError",
+    "Split",
+    "StageConfig",
     "Timeout",
     "TokenLogprob",
     "Usage",
+    "ablations",
     "available_providers",
+    "best_single",
     "load_provider",
-    *_LAZY,
+    "lorahub",
+    "preset",
+    "random_search",
+    "task_arithmetic",
+    "uniform_merge",
 ]

@@ -1,0 +1,31 @@
+"""The package root: every exported name resolves, and importing it stays light."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import evomerge_sdk
+
+
+def test_every_exported_name_resolves() -> None:
+    for name in evomerge_sdk.__all__:
+        assert getattr(evomerge_sdk, name) is not None, name
+
+
+def test_unknown_attribute_is_an_attribute_error() -> None:
+    try:
+        evomerge_sdk.no_such_thing  # type: ignore[attr-defined]  # noqa: B018
+    except AttributeError as err:
+        assert "no_such_thing" in str(err)
+    else:
+        raise AssertionError("expected AttributeError")
+
+
+def test_import_loads_no_heavy_module() -> None:
+    # Import time is measured in benchmarks/scheduler.py; here we pin *why* it is fast.
+    code = "import sys, json, evomerge_sdk; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = set(json.loads(out))
+    assert not loaded & {"numpy", "aiohttp", "tiktoken", "structlog", "anyio"}
