@@ -32,26 +32,15 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from ..errors import (
-    AuthenticationError,
-    BadResponse,
-    ConfigError,
-    ConnectionFailed,
-    InvalidRequest,
-    ProviderError,
-    RateLimited,
-    ServerError,
-    Timeout,
-)
+from ..errors import BadResponse, ConfigError
+from ..http import HTTPClient, Window, check_base_url, header_int, rate_limit_info
 from ..providers import ChatRequest, Completion, RateLimitInfo, TokenLogprob, Usage
-from ..scheduler.metrics import redact
 from ..scheduler.tokens import TokenCounter
 from .faults import FaultConfig, FaultInjector, ServerLimits, ServerStats, record_served
 
 __all__ = [
     "EchoProvider",
     "EchoServer",
-    "RateLimitedWithInfo",
     "echo_answer",
     "parse_duration",
     "parse_rate_limit_headers",
@@ -279,55 +268,30 @@ def parse_duration(text: str) -> float | None:
     return total if pos == len(text) and pos > 0 else None
 
 
-def _int_header(headers: Mapping[str, str], name: str) -> int | None:
-    value = headers.get(name)
-    try:
-        return int(float(value)) if value is not None else None
-    except ValueError:
-        return None
-
-
 def parse_rate_limit_headers(headers: Mapping[str, str]) -> RateLimitInfo | None:
     """`RateLimitInfo` from OpenAI-style `x-ratelimit-*` headers, or None when there are none."""
-    if "x-ratelimit-limit-requests" not in headers and "x-ratelimit-limit-tokens" not in headers:
-        return None
-    resets = [parse_duration(headers.get(f"x-ratelimit-reset-{u}", "")) for u in ("requests", "tokens")]
-    known = [r for r in resets if r is not None]
-    return RateLimitInfo(
-        requests_limit=_int_header(headers, "x-ratelimit-limit-requests"),
-        requests_remaining=_int_header(headers, "x-ratelimit-remaining-requests"),
-        tokens_limit=_int_header(headers, "x-ratelimit-limit-tokens"),
-        tokens_remaining=_int_header(headers, "x-ratelimit-remaining-tokens"),
-        reset_seconds=max(known) if known else None,
-    )
+
+    def window(unit: str) -> Window:
+        reset = headers.get(f"x-ratelimit-reset-{unit}")
+        return (
+            header_int(headers, f"x-ratelimit-limit-{unit}"),
+            header_int(headers, f"x-ratelimit-remaining-{unit}"),
+            parse_duration(reset) if reset is not None else None,
+        )
+
+    return rate_limit_info(window("requests"), window("tokens"))
 
 
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    ms = headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
-    value = headers.get("Retry-After")
-    if value is not None:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            return None  # an HTTP date: rare from APIs; fall back to backoff
-    return None
-
-
-class RateLimitedWithInfo(RateLimited):
-    """A 429 that also carries the API's rate-limit headers (the scheduler adopts them)."""
-
-    def __init__(self, message: str, *, retry_after: float | None, rate_limits: RateLimitInfo | None) -> None:
-        super().__init__(message, retry_after=retry_after)
-        self.rate_limits = rate_limits
+def _never_final(_error: Mapping[str, Any]) -> bool:
+    return False  # the echo server has no spend limits: every 429 is worth waiting for
 
 
 class EchoProvider:
-    """OpenAI-wire chat provider over aiohttp, for the echo server (tests, benchmarks). No retries here."""
+    """OpenAI-wire chat provider for the echo server (tests, benchmarks), on `evomerge_sdk.http`.
+
+    No retries and no timeout of its own (`timeout` is a generous backstop): those are the scheduler's.
+    For real APIs use the `evomerge-openai` adapter.
+    """
 
     def __init__(
         self,
@@ -337,26 +301,33 @@ class EchoProvider:
         name: str = "echo",
         max_connections: int = 100,
         force_close: bool = False,
+        timeout: float = 3600.0,
     ) -> None:
         self.name = name
-        self._url = base_url.rstrip("/") + "/v1/chat/completions"
+        self._url = check_base_url(base_url, "base_url") + "/v1/chat/completions"
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._secrets = [api_key] if api_key else []
         self._limit = max_connections
         self._force_close = force_close
+        self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
+        self._http: HTTPClient | None = None
 
     def __repr__(self) -> str:  # never show the key
         return f"EchoProvider(url={self._url!r}, name={self.name!r})"
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        """The HTTP session (created on first use, inside the running loop)."""
-        if self._session is None:
+    def _client(self) -> HTTPClient:
+        if self._http is None:  # created on first use, inside the running loop
             connector = aiohttp.TCPConnector(limit=self._limit, force_close=self._force_close)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+            self._session = aiohttp.ClientSession(connector=connector)
+            self._http = HTTPClient(
+                provider=self.name,
+                timeout=self._timeout,
+                verify_tls=True,
+                session=self._session,
+                secrets=self._secrets,
             )
-        return self._session
+        return self._http
 
     def body(self, request: ChatRequest) -> dict[str, Any]:
         """The JSON body for `request`."""
@@ -377,23 +348,20 @@ class EchoProvider:
         return body
 
     async def complete(self, request: ChatRequest) -> Completion:
-        """Send `request`; map every failure onto the SDK's error types."""
+        """Send `request`; every failure arrives as one of the SDK's error types."""
+        data, limits = await self._client().exchange(
+            self._url,
+            self.body(request),
+            self._headers,
+            {},
+            rate_limits=parse_rate_limit_headers,
+            final_429=_never_final,
+        )
         try:
-            async with self.session.post(self._url, json=self.body(request), headers=self._headers) as resp:
-                raw = await resp.read()
-                status, headers = resp.status, resp.headers
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise ConnectionFailed(f"connection to {self._url} failed: {type(exc).__name__}") from None
-        except asyncio.TimeoutError:
-            raise Timeout(f"no answer from {self._url}") from None
-        if status != 200:
-            raise self._error(status, headers, raw)
-        try:
-            data = json.loads(raw)
             choice = data["choices"][0]
             usage = data["usage"]
             text = choice["message"]["content"]
-            result = Completion(
+            return Completion(
                 text=text if isinstance(text, str) else "",
                 model=str(data.get("model", request.model)),
                 finish_reason=choice.get("finish_reason"),
@@ -403,37 +371,18 @@ class EchoProvider:
                     int(usage["completion_tokens"]),
                     int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0),
                 ),
-                rate_limits=parse_rate_limit_headers(headers),
+                rate_limits=limits,
             )
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise BadResponse(
-                f"malformed answer from {self._url}: {type(exc).__name__}", status=status
-            ) from None
-        return result
-
-    def _error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ProviderError:
-        try:
-            message = str(json.loads(raw)["error"]["message"])
-        except (ValueError, KeyError, TypeError):
-            message = raw[:200].decode("utf-8", "replace")
-        message = redact(f"HTTP {status}: {message}")
-        if status == 429:
-            return RateLimitedWithInfo(
-                message, retry_after=_retry_after(headers), rate_limits=parse_rate_limit_headers(headers)
-            )
-        if status in (401, 403):
-            return AuthenticationError(message, status=status)
-        if status == 408:
-            return Timeout(message, status=status)
-        if status >= 500:
-            return ServerError(message, status=status)
-        return InvalidRequest(message, status=status)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise BadResponse(f"{self.name}: malformed answer ({type(exc).__name__})", status=200) from None
 
     async def aclose(self) -> None:
         """Close the HTTP session."""
+        if self._http is not None:
+            await self._http.aclose()
         if self._session is not None:
             await self._session.close()
-            self._session = None
+        self._http = self._session = None
 
 
 def _parse_logprobs(value: Any) -> tuple[TokenLogprob, ...] | None:

@@ -415,11 +415,11 @@ class Scheduler:
                 if isinstance(exc, TimeoutError):
                     err = Timeout(f"no answer within {self._timeout} s", status=None)
                 delay = self._retry.delay(err, attempt, self._rng)
+                info = getattr(err, "rate_limits", None)  # any provider error may carry the API's limits
+                if isinstance(info, RateLimitInfo):
+                    limiter.observe(info)
                 if isinstance(err, RateLimited):
                     m.rate_limited += 1
-                    info = getattr(err, "rate_limits", None)
-                    if isinstance(info, RateLimitInfo):
-                        limiter.observe(info)
                     limiter.pause(err.retry_after if err.retry_after is not None else (delay or 0.0))
                 if delay is None:
                     m.failed += 1
