@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from structlog.testing import capture_logs
 
@@ -162,6 +164,29 @@ async def _outcome(value: Any) -> Outcome:
 
 
 @pytest.mark.anyio
+async def test_the_concurrency_limit_holds_and_is_first_come_first_served() -> None:
+    running, peak, order = 0, 0, []
+
+    async def work(i: int) -> tuple[int, Usage]:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        order.append(i)
+        await anyio.sleep(0.01)
+        running -= 1
+        return i, Usage(1, 1)
+
+    async with Scheduler(max_concurrency=3) as s:
+        async with anyio.create_task_group() as tg:
+            for i in range(30):
+                tg.start_soon(partial(s.call, partial(work, i), model="m", reserve=Usage(1, 1)))
+                await anyio.lowlevel.checkpoint()  # start them in order
+        assert peak == 3
+        assert order == list(range(30))
+        assert s._slots.free == 3
+
+
+@pytest.mark.anyio
 async def test_budget_holds_with_hundreds_of_concurrent_callers() -> None:
     budget = 6_000
     async with echo() as (server, provider), Scheduler(max_concurrency=64, budget=Budget(tokens=budget)) as s:
@@ -303,7 +328,7 @@ async def test_cancelling_callers_releases_everything() -> None:
             assert spend.unknown_tokens > 0  # ...the 8 sent were charged (the API may bill them)
             assert s.metrics().in_flight == 0
             assert s._inflight == {}
-            assert s._slots.value == s.max_concurrency
+            assert s._slots.free == s.max_concurrency and not s._slots._waiters
             # The cancelled calls leave nothing behind: the next call goes through at once.
             server.injector.faults = FaultConfig()
             assert (await s.complete(provider, req("after"))).text == "echo: question after"

@@ -27,6 +27,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
@@ -82,13 +83,47 @@ class CallResult:
 CallFn = Callable[[], Awaitable["Outcome | tuple[Any, Usage]"]]
 
 
+class _Slots:
+    """A FIFO concurrency limit whose uncontended path costs no await at all (the hot path)."""
+
+    __slots__ = ("_waiters", "free", "total")
+
+    def __init__(self, total: int) -> None:
+        self.total = self.free = total
+        self._waiters: deque[anyio.Event] = deque()
+
+    async def __aenter__(self) -> None:
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return
+        ticket = anyio.Event()
+        self._waiters.append(ticket)
+        try:
+            await ticket.wait()
+        except BaseException:
+            if ticket.is_set():  # a slot was handed to us as we were cancelled: pass it on
+                self._release()
+            else:
+                self._waiters.remove(ticket)
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()  # hand the slot over directly: no barging, FIFO
+        else:
+            self.free += 1
+
+
 class _Flight:
-    """One call in flight that identical calls wait for."""
+    """One call in flight that identical calls wait for (the event exists only once someone waits)."""
 
     __slots__ = ("done", "error", "result")
 
     def __init__(self) -> None:
-        self.done = anyio.Event()
+        self.done: anyio.Event | None = None
         self.result: CallResult | None = None
         self.error: Exception | None = None
 
@@ -154,7 +189,7 @@ class Scheduler:
         self._retry = retry or RetryPolicy()
         self._rng = self._retry.rng()
         self._timeout = timeout
-        self._slots = anyio.Semaphore(max_concurrency, fast_acquire=True)
+        self._slots = _Slots(max_concurrency)
         self.max_concurrency = max_concurrency
         if cache is True:
             self._cache: ResponseCache | None = ResponseCache()
@@ -269,12 +304,13 @@ class Scheduler:
             return Outcome(_completion_to_json(live), live.usage, live.rate_limits)
 
         async def worst() -> Usage:
-            if not self._ledger.limited and self.limiter(price.model).tpm is None:
-                return Usage(0, request.max_tokens)  # nothing is limited by tokens: no need to count
             return Usage(await self._tokens.acount_request(request), request.max_tokens)
 
         debug = {"prompt": [[m.role, m.content] for m in request.messages]} if self._log_prompts else None
-        result = await self._run(attempt, price, worst, key, "chat", debug)
+        if self._ledger.limited or self.limiter(price.model).tpm is not None:
+            result = await self._run(attempt, price, worst, key, "chat", debug)
+        else:  # nothing is limited by tokens: no need to count the prompt
+            result = await self._run(attempt, price, Usage(0, request.max_tokens), key, "chat", debug)
         if live is not None and not result.cached:
             return live
         return _completion_from_json(result.value, result.usage)
@@ -334,6 +370,8 @@ class Scheduler:
             flight = self._inflight.get(key)
             if flight is None:
                 break
+            if flight.done is None:
+                flight.done = anyio.Event()
             await flight.done.wait()
             if flight.result is not None:
                 m.dedup_hits += 1
@@ -354,7 +392,8 @@ class Scheduler:
             raise
         finally:
             del self._inflight[key]
-            flight.done.set()
+            if flight.done is not None:
+                flight.done.set()
 
     async def _execute(
         self,
