@@ -32,8 +32,18 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from ..errors import BadResponse, ConfigError
-from ..http import HTTPClient, Window, check_base_url, header_int, rate_limit_info
+from ..errors import (
+    AuthenticationError,
+    BadResponse,
+    ConfigError,
+    ConnectionFailed,
+    InvalidRequest,
+    ProviderError,
+    RateLimited,
+    ServerError,
+    Timeout,
+)
+from ..http import Window, check_base_url, header_int, rate_limit_info, retry_after_seconds
 from ..providers import ChatRequest, Completion, RateLimitInfo, TokenLogprob, Usage
 from ..scheduler.tokens import TokenCounter
 from .faults import FaultConfig, FaultInjector, ServerLimits, ServerStats, record_served
@@ -282,15 +292,12 @@ def parse_rate_limit_headers(headers: Mapping[str, str]) -> RateLimitInfo | None
     return rate_limit_info(window("requests"), window("tokens"))
 
 
-def _never_final(_error: Mapping[str, Any]) -> bool:
-    return False  # the echo server has no spend limits: every 429 is worth waiting for
-
-
 class EchoProvider:
-    """OpenAI-wire chat provider for the echo server (tests, benchmarks), on `evomerge_sdk.http`.
+    """A lean OpenAI-wire chat provider for the echo server (tests, benchmarks): plain aiohttp.
 
-    No retries and no timeout of its own (`timeout` is a generous backstop): those are the scheduler's.
-    For real APIs use the `evomerge-openai` adapter.
+    Deliberately as thin as a hand-written aiohttp call, so benchmarks measure the scheduler and not
+    the provider. No retries and no timeout of its own: those are the scheduler's. For real APIs use the
+    `evomerge-openai` adapter.
     """
 
     def __init__(
@@ -301,33 +308,26 @@ class EchoProvider:
         name: str = "echo",
         max_connections: int = 100,
         force_close: bool = False,
-        timeout: float = 3600.0,
     ) -> None:
         self.name = name
         self._url = check_base_url(base_url, "base_url") + "/v1/chat/completions"
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._secrets = [api_key] if api_key else []
         self._limit = max_connections
         self._force_close = force_close
-        self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
-        self._http: HTTPClient | None = None
 
     def __repr__(self) -> str:  # never show the key
         return f"EchoProvider(url={self._url!r}, name={self.name!r})"
 
-    def _client(self) -> HTTPClient:
-        if self._http is None:  # created on first use, inside the running loop
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The HTTP session (created on first use, inside the running loop)."""
+        if self._session is None:
             connector = aiohttp.TCPConnector(limit=self._limit, force_close=self._force_close)
-            self._session = aiohttp.ClientSession(connector=connector)
-            self._http = HTTPClient(
-                provider=self.name,
-                timeout=self._timeout,
-                verify_tls=True,
-                session=self._session,
-                secrets=self._secrets,
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=None)
             )
-        return self._http
+        return self._session
 
     def body(self, request: ChatRequest) -> dict[str, Any]:
         """The JSON body for `request`."""
@@ -349,15 +349,20 @@ class EchoProvider:
 
     async def complete(self, request: ChatRequest) -> Completion:
         """Send `request`; every failure arrives as one of the SDK's error types."""
-        data, limits = await self._client().exchange(
-            self._url,
-            self.body(request),
-            self._headers,
-            {},
-            rate_limits=parse_rate_limit_headers,
-            final_429=_never_final,
-        )
         try:
+            async with self.session.post(self._url, json=self.body(request), headers=self._headers) as resp:
+                raw = await resp.read()
+                status, headers = resp.status, resp.headers
+        except asyncio.TimeoutError:  # before ClientError: aiohttp's timeouts are both
+            raise Timeout(f"{self.name}: no answer") from None
+        except aiohttp.ClientError as exc:
+            raise ConnectionFailed(f"{self.name}: {type(exc).__name__}") from None
+        limited = "x-ratelimit-limit-requests" in headers or "x-ratelimit-limit-tokens" in headers
+        limits = parse_rate_limit_headers(headers) if limited else None
+        if status != 200:
+            raise _error(self.name, status, headers, raw, limits)
+        try:
+            data = json.loads(raw)
             choice = data["choices"][0]
             usage = data["usage"]
             text = choice["message"]["content"]
@@ -378,11 +383,32 @@ class EchoProvider:
 
     async def aclose(self) -> None:
         """Close the HTTP session."""
-        if self._http is not None:
-            await self._http.aclose()
         if self._session is not None:
             await self._session.close()
-        self._http = self._session = None
+            self._session = None
+
+
+def _error(
+    name: str, status: int, headers: Mapping[str, str], raw: bytes, limits: RateLimitInfo | None
+) -> ProviderError:
+    """The SDK error for a non-200 answer (the server's message, never the request's headers)."""
+    try:
+        message = str(json.loads(raw)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = raw[:200].decode("utf-8", "replace")
+    text = f"{name} answered {status}: {message}"
+    if status == 429:
+        return RateLimited(text, retry_after=retry_after_seconds(headers), rate_limits=limits)
+    kind: type[ProviderError] = (
+        AuthenticationError
+        if status in (401, 403)
+        else Timeout
+        if status == 408
+        else ServerError
+        if status >= 500
+        else InvalidRequest
+    )
+    return kind(text, status=status, rate_limits=limits)
 
 
 def _parse_logprobs(value: Any) -> tuple[TokenLogprob, ...] | None:

@@ -27,9 +27,9 @@ import logging
 import os
 import sys
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -39,6 +39,7 @@ import structlog
 
 from ..errors import (
     AuthenticationError,
+    BadResponse,
     BudgetExceeded,
     ConfigError,
     InvalidRequest,
@@ -81,40 +82,6 @@ class CallResult:
 
 
 CallFn = Callable[[], Awaitable["Outcome | tuple[Any, Usage]"]]
-
-
-class _Slots:
-    """A FIFO concurrency limit whose uncontended path costs no await at all (the hot path)."""
-
-    __slots__ = ("_waiters", "free", "total")
-
-    def __init__(self, total: int) -> None:
-        self.total = self.free = total
-        self._waiters: deque[anyio.Event] = deque()
-
-    async def __aenter__(self) -> None:
-        if self.free > 0 and not self._waiters:
-            self.free -= 1
-            return
-        ticket = anyio.Event()
-        self._waiters.append(ticket)
-        try:
-            await ticket.wait()
-        except BaseException:
-            if ticket.is_set():  # a slot was handed to us as we were cancelled: pass it on
-                self._release()
-            else:
-                self._waiters.remove(ticket)
-            raise
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        if self._waiters:
-            self._waiters.popleft().set()  # hand the slot over directly: no barging, FIFO
-        else:
-            self.free += 1
 
 
 class _Flight:
@@ -189,7 +156,8 @@ class Scheduler:
         self._retry = retry or RetryPolicy()
         self._rng = self._retry.rng()
         self._timeout = timeout
-        self._slots = _Slots(max_concurrency)
+        # fast_acquire: no await when a slot is free; waiters queue on plain futures (cheap when contended)
+        self._slots = anyio.Semaphore(max_concurrency, fast_acquire=True)
         self.max_concurrency = max_concurrency
         if cache is True:
             self._cache: ResponseCache | None = ResponseCache()
@@ -296,23 +264,19 @@ class Scheduler:
         """
         price = self.price(request.model)
         key = chat_cache_key(provider.name, request) if cache else None
-        live: Completion | None = None
-
-        async def attempt() -> Outcome:
-            nonlocal live
-            live = await provider.complete(request)
-            return Outcome(_completion_to_json(live), live.usage, live.rate_limits)
 
         async def worst() -> Usage:
             return Usage(await self._tokens.acount_request(request), request.max_tokens)
 
         debug = {"prompt": [[m.role, m.content] for m in request.messages]} if self._log_prompts else None
+        send = partial(provider.complete, request)  # no wrapper coroutine: one frame less per resume
         if self._ledger.limited or self.limiter(price.model).tpm is not None:
-            result = await self._run(attempt, price, worst, key, "chat", debug)
+            result, live = await self._run(send, _chat_outcome, price, worst, key, "chat", debug)
         else:  # nothing is limited by tokens: no need to count the prompt
-            result = await self._run(attempt, price, Usage(0, request.max_tokens), key, "chat", debug)
-        if live is not None and not result.cached:
-            return live
+            reserve = Usage(0, request.max_tokens)
+            result, live = await self._run(send, _chat_outcome, price, reserve, key, "chat", debug)
+        if isinstance(live, Completion):
+            return live  # sent by this call: keep its rate-limit info
         return _completion_from_json(result.value, result.usage)
 
     async def call(
@@ -336,7 +300,7 @@ class Scheduler:
         price = self.price(model)
         if not isinstance(reserve, Usage) or reserve.input_tokens < 0 or reserve.output_tokens < 0:
             raise ConfigError(f"reserve must be a Usage with non-negative token counts, got {reserve!r}")
-        return await self._run(fn, price, reserve, cache_key, label, None)
+        return (await self._run(fn, _outcome, price, reserve, cache_key, label, None))[0]
 
     async def _lookup(self, key: str) -> CachedValue | None:
         cache = self._cache
@@ -349,24 +313,26 @@ class Scheduler:
 
     async def _run(
         self,
-        fn: CallFn,
+        fn: Callable[[], Awaitable[Any]],
+        convert: Callable[[Any], Outcome],
         price: ModelPrice,
         worst: Usage | Callable[[], Awaitable[Usage]],
         key: str | None,
         label: str,
         debug: dict[str, Any] | None,
-    ) -> CallResult:
+    ) -> tuple[CallResult, Any]:
+        """The call's result, and what `fn` returned when this call sent it (None for a hit)."""
         if not self._open:
             raise ConfigError("open the scheduler first: `async with Scheduler(...) as scheduler:`")
         m = self._metrics
         m.calls += 1
         if key is None:
-            return await self._execute(fn, price, worst, label, debug, None)
+            return await self._execute(fn, convert, price, worst, label, debug, None)
         while True:
             hit = await self._lookup(key)
             if hit is not None:
                 m.cache_hits += 1
-                return CallResult(hit.value, hit.usage, cached=True, attempts=0)
+                return CallResult(hit.value, hit.usage, cached=True, attempts=0), None
             flight = self._inflight.get(key)
             if flight is None:
                 break
@@ -376,17 +342,17 @@ class Scheduler:
             if flight.result is not None:
                 m.dedup_hits += 1
                 r = flight.result
-                return CallResult(r.value, r.usage, cached=True, attempts=0)
+                return CallResult(r.value, r.usage, cached=True, attempts=0), None
             if flight.error is not None:
                 raise flight.error
             # The call we waited for was cancelled: look again, and maybe send it ourselves.
         flight = self._inflight[key] = _Flight()
         try:
-            result = await self._execute(fn, price, worst, label, debug, key)
+            result, raw = await self._execute(fn, convert, price, worst, label, debug, key)
             if self._cache is not None:
                 self._cache.put(key, result.value, result.usage)
             flight.result = result
-            return result
+            return result, raw
         except Exception as exc:
             flight.error = exc
             raise
@@ -397,13 +363,14 @@ class Scheduler:
 
     async def _execute(
         self,
-        fn: CallFn,
+        fn: Callable[[], Awaitable[Any]],
+        convert: Callable[[Any], Outcome],
         price: ModelPrice,
         worst: Usage | Callable[[], Awaitable[Usage]],
         label: str,
         debug: dict[str, Any] | None,
         key: str | None,
-    ) -> CallResult:
+    ) -> tuple[CallResult, Any]:
         m = self._metrics
         started = time.perf_counter()
         if not isinstance(worst, Usage):
@@ -440,7 +407,7 @@ class Scheduler:
                         else:
                             with anyio.fail_after(self._timeout):
                                 raw = await fn()
-                        out = _outcome(raw)  # a malformed return is an error of a sent request
+                        out = convert(raw)  # a malformed return is an error of a sent request
                     finally:
                         m.in_flight -= 1
             except BaseException as exc:
@@ -513,7 +480,7 @@ class Scheduler:
                     cost_usd=cost / 10**12,
                     **(debug or {}),
                 )
-            return CallResult(out.value, usage, cached=False, attempts=attempt)
+            return CallResult(out.value, usage, cached=False, attempts=attempt), raw
 
     def _reject(self, exc: BudgetExceeded, model: str, label: str) -> None:
         m = self._metrics
@@ -571,6 +538,12 @@ def _outcome(raw: Any) -> Outcome:
             f"a call function returned a bad usage or rate_limits: {out.usage!r}, {out.rate_limits!r}"
         )
     return out
+
+
+def _chat_outcome(raw: Any) -> Outcome:
+    if not isinstance(raw, Completion):
+        raise BadResponse(f"a provider's complete() returned {type(raw).__name__}, not a Completion")
+    return Outcome(_completion_to_json(raw), raw.usage, raw.rate_limits)
 
 
 def _completion_to_json(c: Completion) -> dict[str, Any]:
