@@ -45,7 +45,7 @@ import aiohttp
 import anyio
 import structlog
 
-from evomerge_sdk import BudgetExceeded, ChatRequest
+from evomerge_sdk import BudgetExceeded, ChatRequest, Provider
 from evomerge_sdk.local.echo_server import EchoProvider
 from evomerge_sdk.scheduler import Budget, RetryPolicy, Scheduler, TokenCounter
 
@@ -113,9 +113,32 @@ async def raw_run(url: str, tag: str, n: int, concurrency: int, accept_429: bool
         return time.perf_counter() - start
 
 
-async def scheduler_run(url: str, tag: str, n: int, concurrency: int, **kw: Any) -> tuple[float, Scheduler]:
+def openai_adapter(url: str, concurrency: int) -> Provider:
+    """The real `evomerge-openai` adapter pointed at the echo server (the full SDK stack)."""
+    from evomerge_openai import OpenAIProvider
+
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency))
+    provider = OpenAIProvider(base_url=f"{url}/v1", api_key="sk-benchmark", session=session)
+    close = provider.aclose
+
+    async def aclose() -> None:
+        await close()
+        await session.close()
+
+    provider.aclose = aclose  # type: ignore[method-assign]
+    return provider
+
+
+def echo_provider(url: str, concurrency: int) -> Provider:
+    """The lean test provider: plain aiohttp, as thin as the raw baseline."""
+    return EchoProvider(url, max_connections=concurrency)
+
+
+async def scheduler_run(
+    url: str, tag: str, n: int, concurrency: int, provider_factory: Any = echo_provider, **kw: Any
+) -> tuple[float, Scheduler]:
     """Wall seconds for n requests through `Scheduler.complete` at `concurrency`."""
-    provider = EchoProvider(url, max_connections=concurrency)
+    provider = provider_factory(url, concurrency)
     try:
         async with Scheduler(max_concurrency=concurrency, **kw) as s:
             start = time.perf_counter()
@@ -127,7 +150,9 @@ async def scheduler_run(url: str, tag: str, n: int, concurrency: int, **kw: Any)
         await provider.aclose()
 
 
-async def overhead(url: str, n: int, concurrency: int, repeats: int, **kw: Any) -> dict[str, Any]:
+async def overhead(
+    url: str, n: int, concurrency: int, repeats: int, provider_factory: Any = echo_provider, **kw: Any
+) -> dict[str, Any]:
     """Pairs of raw and scheduler runs (order shuffled, seeded); the median of the per-pair ratios.
 
     On a shared machine, load drifts between runs; the two runs of a pair are adjacent, so their ratio
@@ -135,7 +160,7 @@ async def overhead(url: str, n: int, concurrency: int, repeats: int, **kw: Any) 
     noise-robust view of what the scheduler adds.
     """
     await raw_run(url, "warm-raw", 200, concurrency)
-    await scheduler_run(url, "warm-s", 200, concurrency, **kw)
+    await scheduler_run(url, "warm-s", 200, concurrency, provider_factory, **kw)
     rng = random.Random(0)
     runs: dict[str, list[tuple[float, float]]] = {"raw": [], "scheduler": []}
     for r in range(repeats):
@@ -146,7 +171,7 @@ async def overhead(url: str, n: int, concurrency: int, repeats: int, **kw: Any) 
             if which == "raw":
                 wall = await raw_run(url, f"raw{r}", n, concurrency)
             else:
-                wall = (await scheduler_run(url, f"s{r}{kw}", n, concurrency, **kw))[0]
+                wall = (await scheduler_run(url, f"s{r}{kw}", n, concurrency, provider_factory, **kw))[0]
             runs[which].append((wall, time.process_time() - cpu))
     raw, sched = runs["raw"], runs["scheduler"]
     pairs = list(zip(raw, sched, strict=True))
@@ -319,6 +344,14 @@ def main() -> None:
             ob = anyio.run(loaded, url, 2000, args.concurrency, 5)
             details["overhead_with_budget"] = ob
             result["overhead_ratio_with_budget"] = round(ob["overhead_ratio"], 4)
+            try:  # the real OpenAI adapter (its HTTP layer included), when it is installed
+                full = partial(overhead, provider_factory=openai_adapter)
+                details["overhead_openai_adapter"] = anyio.run(full, url, 2000, args.concurrency, 5)
+                result["overhead_ratio_openai_adapter"] = round(
+                    details["overhead_openai_adapter"]["overhead_ratio"], 4
+                )
+            except ImportError:
+                details["overhead_openai_adapter"] = "evomerge-openai not installed"
         phase("overhead")
         sq = anyio.run(sequential, url, n_seq)
         details["sequential"] = sq

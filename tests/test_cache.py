@@ -11,10 +11,12 @@ from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from evomerge_sdk import ChatRequest, ConfigError, Usage
 from evomerge_sdk.local.echo_server import EchoServer
-from evomerge_sdk.scheduler import ResponseCache, Scheduler, cache_key
+from evomerge_sdk.scheduler import ResponseCache, Scheduler, cache_key, chat_cache_key
 
 
 def _modes(path: Path) -> dict[str, int]:
@@ -184,6 +186,31 @@ def test_the_echo_server_is_loopback_only() -> None:
         EchoServer(host="0.0.0.0")
 
 
+_requests = st.builds(
+    ChatRequest,
+    model=st.sampled_from(["m", "n"]),
+    messages=st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "system"]), "content": st.sampled_from(["", "a", "b", "a:b"])}
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    max_tokens=st.sampled_from([1, 16]),
+    temperature=st.sampled_from([None, 0.0, 0.5]),
+    top_p=st.sampled_from([None, 1.0]),
+    logprobs=st.booleans(),
+    top_logprobs=st.sampled_from([None, 0, 3]),
+    extra=st.dictionaries(st.sampled_from(["seed", "stop"]), st.sampled_from([1, "x", None]), max_size=2),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_requests, _requests)
+def test_chat_keys_are_equal_exactly_for_equal_requests(a: ChatRequest, b: ChatRequest) -> None:
+    assert (chat_cache_key("p", a) == chat_cache_key("p", b)) == (a == b)
+
+
 def test_canonical_request_keys_differ_by_provider() -> None:
     req = ChatRequest(model="m", messages="x")
-    assert cache_key("chat/v1", "a", req.canonical_json()) != cache_key("chat/v1", "b", req.canonical_json())
+    assert chat_cache_key("a", req) != chat_cache_key("b", req)

@@ -51,8 +51,9 @@ def cache_key(*parts: str) -> str:
     """A cache key: the hex SHA-256 of the parts (which should be canonical, e.g. sorted-keys JSON)."""
     h = hashlib.sha256()
     for part in parts:
-        h.update(part.encode("utf-8"))
-        h.update(b"\x1f")  # unit separator: ("ab", "c") and ("a", "bc") differ
+        data = part.encode("utf-8")
+        h.update(b"%d:" % len(data))  # length-prefixed: ("ab", "c") and ("a", "bc") differ
+        h.update(data)
     return h.hexdigest()
 
 
@@ -78,21 +79,19 @@ _KEY_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_as
 
 def chat_cache_key(provider_name: str, request: ChatRequest) -> str:
     """The cache key of a chat request sent to a provider: every request field, canonically (sorted keys)."""
-    if _FAST_CHAT_KEY:  # the same information as canonical_json, without attrs.asdict (3x faster)
-        body = [
-            request.model,
-            [[m.role, m.content] for m in request.messages],
-            request.max_tokens,
-            request.temperature,
-            request.top_p,
-            request.logprobs,
-            request.top_logprobs,
-            request.extra,
-        ]
-        text = _KEY_ENCODER.encode(body)
-    else:
-        text = request.canonical_json()
-    return cache_key("chat/v1", provider_name, text)
+    if not _FAST_CHAT_KEY:
+        return cache_key("chat/v1", provider_name, request.canonical_json())
+    # The same information as canonical_json, hashed field by field (5x faster than attrs.asdict + JSON):
+    # strings as they are, the scalars by repr (stable across Python versions), extra as sorted JSON.
+    parts = ["chat/v2", provider_name, request.model, str(len(request.messages))]
+    for m in request.messages:
+        parts.append(m.role)
+        parts.append(m.content)
+    parts.append(
+        repr((request.max_tokens, request.temperature, request.top_p, request.logprobs, request.top_logprobs))
+    )
+    parts.append(_KEY_ENCODER.encode(request.extra) if request.extra else "")
+    return cache_key(*parts)
 
 
 @attrs.frozen
