@@ -1,0 +1,79 @@
+"""The embedded reference LMaaS: a numpy base model with a repository of LoRA adapters (DESIGN 4).
+
+    from evomerge_sdk.local import RepositoryConfig, build_repository
+    repo = build_repository()                       # 110 adapters; built in seconds, then cached
+    target = repo.targets()[0]                      # e.g. "ood:ner/news"
+    pool = repo.pool(target, 20, seed=0)            # adapter names
+    merger = repo.merger(pool)                      # reuse across candidates
+    metrics = repo.evaluate(merger.merge(alpha, beta), target.validation)   # loss, accuracy, macro-F1
+
+Names load on first use, so importing this package costs nothing beyond numpy.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# name -> submodule that defines it
+_LAZY: dict[str, str] = {
+    "AdapterInfo": ".repository",
+    "Repository": ".repository",
+    "RepositoryConfig": ".repository",
+    "Target": ".repository",
+    "build_repository": ".repository",
+    "default_cache_dir": ".repository",
+    "Examples": ".tasks",
+    "Task": ".tasks",
+    "World": ".tasks",
+    "Tokenizer": ".tokenizer",
+    "LoraAdapter": ".model",
+    "ModelWeights": ".model",
+    "PoolMerger": ".merge",
+    "Metrics": ".metrics",
+}
+
+if TYPE_CHECKING:
+    from .merge import PoolMerger
+    from .metrics import Metrics
+    from .model import LoraAdapter, ModelWeights
+    from .repository import (
+        AdapterInfo,
+        Repository,
+        RepositoryConfig,
+        Target,
+        build_repository,
+        default_cache_dir,
+    )
+    from .tasks import Examples, Task, World
+    from .tokenizer import Tokenizer
+
+__all__ = [
+    "AdapterInfo",
+    "Examples",
+    "LoraAdapter",
+    "Metrics",
+    "ModelWeights",
+    "PoolMerger",
+    "Repository",
+    "RepositoryConfig",
+    "Target",
+    "Task",
+    "Tokenizer",
+    "World",
+    "build_repository",
+    "default_cache_dir",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'evomerge_sdk.local' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
