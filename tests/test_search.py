@@ -371,3 +371,15 @@ def test_config_errors() -> None:
         Candidate(np.ones(3), np.ones(2))
     with pytest.raises(ConfigError, match="finite"):
         Candidate(np.ones(2), np.array([1.0, np.nan]))
+
+
+def test_minibatch_is_a_deterministic_subset_shared_by_a_generation() -> None:
+    from evomerge_sdk.engine import EvaluationContext, Split
+
+    ctx = EvaluationContext(Split.VALIDATION, "stage2", 3, seed=1234, batch_size=60)
+    first = ctx.minibatch(300)
+    assert first is not None and first.size == 60 and len(set(first.tolist())) == 60
+    assert np.array_equal(first, ctx.minibatch(300))
+    assert np.all(np.diff(first) > 0) and first.max() < 300
+    assert EvaluationContext(Split.VALIDATION, "stage2", 3, seed=1234).minibatch(300) is None
+    assert ctx.minibatch(50) is None  # a batch larger than the split scores all of it

@@ -96,12 +96,23 @@ class EvaluationContext:
 
     `stage` names the search stage (or baseline), `generation` counts generations over the whole run,
     and `seed` is a deterministic function of the search seed, the stage and the generation.
+    `batch_size`, when set, asks for minibatch fitness: score every candidate of this call on the same
+    `batch_size` examples, chosen by `minibatch(n_examples)` (common random numbers within a
+    generation); None scores the whole split.
     """
 
     split: Split
     stage: str
     generation: int
     seed: int
+    batch_size: int | None = None
+
+    def minibatch(self, n_examples: int) -> NDArray[np.intp] | None:
+        """Sorted indices of the examples to score out of `n_examples`, or None for all of them."""
+        if self.batch_size is None or self.batch_size >= n_examples:
+            return None
+        rng = np.random.default_rng(self.seed)
+        return np.sort(rng.choice(n_examples, size=self.batch_size, replace=False))
 
 
 class Objective(Protocol):
