@@ -49,12 +49,9 @@ _BATCH = 256
 
 def cache_key(*parts: str) -> str:
     """A cache key: the hex SHA-256 of the parts (which should be canonical, e.g. sorted-keys JSON)."""
-    h = hashlib.sha256()
-    for part in parts:
-        data = part.encode("utf-8")
-        h.update(b"%d:" % len(data))  # length-prefixed: ("ab", "c") and ("a", "bc") differ
-        h.update(data)
-    return h.hexdigest()
+    # Length-prefixed (in characters), so ("ab", "c") and ("a", "bc") differ; one encode, one hash.
+    framed = "".join([f"{len(part)}:{part}" for part in parts])
+    return hashlib.sha256(framed.encode("utf-8")).hexdigest()
 
 
 # The fields the fast chat key serialises; if the request types ever grow, fall back to canonical_json.
