@@ -168,6 +168,25 @@ def test_top_logprobs_and_prompt_errors(repo: Repository) -> None:
         repo.next_token_logprobs(repo.base, "ner: ?")  # a str, not a list of prompts
 
 
+def test_examples_from_text_score_like_the_targets(repo: Repository) -> None:
+    t = repo.targets()[0]
+    words = [repo.tokenizer.tokens[int(i)] for i in t.validation.labels[:20]]
+    rebuilt = repo.examples(list(t.validation.prompts[:20]), words)
+    weights = repo.single(t.specialist)
+    assert repo.evaluate(weights, rebuilt) == repo.evaluate(weights, t.validation.subset(slice(0, 20)))
+    ids, lengths = repo.encode(list(t.validation.prompts[:3]))
+    np.testing.assert_array_equal(
+        repo.next_token_logprobs_ids(weights, ids, lengths),
+        repo.next_token_logprobs(weights, list(t.validation.prompts[:3])),
+    )
+    with pytest.raises(ConfigError, match="one answer per prompt"):
+        repo.examples(["ner: ?"], [])
+    with pytest.raises(ConfigError, match="unknown token"):
+        repo.examples(["ner: ?"], ["no-such-label"])
+    with pytest.raises(ConfigError, match="answer set"):
+        repo.examples(["ner: ?"], [words[0]], answer_set=[w for w in ("red", "green") if w != words[0]][:1])
+
+
 @pytest.mark.parametrize(
     "changes",
     [
@@ -180,6 +199,8 @@ def test_top_logprobs_and_prompt_errors(repo: Repository) -> None:
         {"ood_targets": 3, "id_targets": 2},  # more targets than the 4 domains
         {"general_per_prompt": 99},
         {"seed": "0"},
+        {"n_types": 2.5},
+        {"train_lr": float("inf")},
     ],
 )
 def test_bad_configs_are_refused(changes: dict[str, object]) -> None:

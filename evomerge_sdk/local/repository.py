@@ -17,7 +17,8 @@ Generative story (the world itself is described in `evomerge_sdk.local.tasks`):
   out-of-domain (`ood`) target's specialist adapter is never in its pools: only merging what related
   adapters know (same type: the type's reading; same domain: the domain's reading; other tasks: the
   analogy's negative part; harmful: negated) can do better than the best single adapter. An in-domain
-  (`id`) target's specialist is always in its pools, with distractors.
+  (`id`) target's specialist is always in its pools, with distractors; it is a low-resource adapter (the
+  smallest training set), so what the hub knows can improve on it.
 
 `Repository.pool(target, size, seed)` draws stratified pools (some same-domain, same-type, harmful and
 irrelevant adapters, the rest at random), of any size up to the whole hub (5, 20 and 100 are typical).
@@ -70,7 +71,7 @@ FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
 F32 = NDArray[np.float32]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped whenever the generative code changes what a config builds; part of the cache key."""
 
 Role = Literal["specialist", "same-domain", "same-type", "other-task", "harmful", "irrelevant"]
@@ -78,8 +79,18 @@ _BASE_FIELDS = ("embedding", "w1", "b1", "w2", "b2", "w3", "b3")
 
 
 def _positive(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{attribute.name} must be a positive number, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not value > 0
+        or value == float("inf")
+    ):
+        raise ConfigError(f"{attribute.name} must be a positive finite number, got {value!r}")
+
+
+def _positive_int(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
 
 
 def _non_negative(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -117,39 +128,39 @@ class RepositoryConfig:
     """
 
     seed: int = attrs.field(default=0, validator=_int)
-    n_types: int = attrs.field(default=5, validator=_positive)
-    n_domains: int = attrs.field(default=18, validator=_positive)
-    n_labels: int = attrs.field(default=8, validator=_positive)
-    general_words: int = attrs.field(default=80, validator=_positive)
-    domain_words: int = attrs.field(default=10, validator=_positive)
-    general_features: int = attrs.field(default=4, validator=_positive)
-    domain_features: int = attrs.field(default=4, validator=_positive)
-    pretrain_tasks: int = attrs.field(default=12, validator=_positive)
-    general_per_prompt: int = attrs.field(default=5, validator=_positive)
-    domain_per_prompt: int = attrs.field(default=4, validator=_positive)
+    n_types: int = attrs.field(default=5, validator=_positive_int)
+    n_domains: int = attrs.field(default=18, validator=_positive_int)
+    n_labels: int = attrs.field(default=8, validator=_positive_int)
+    general_words: int = attrs.field(default=80, validator=_positive_int)
+    domain_words: int = attrs.field(default=10, validator=_positive_int)
+    general_features: int = attrs.field(default=4, validator=_positive_int)
+    domain_features: int = attrs.field(default=4, validator=_positive_int)
+    pretrain_tasks: int = attrs.field(default=12, validator=_positive_int)
+    general_per_prompt: int = attrs.field(default=5, validator=_positive_int)
+    domain_per_prompt: int = attrs.field(default=4, validator=_positive_int)
     task_specific_scale: float = attrs.field(default=0.3, validator=_non_negative)
     temperature: float = attrs.field(default=0.35, validator=_positive)
-    embed_dim: int = attrs.field(default=32, validator=_positive)
-    hidden_dim: int = attrs.field(default=64, validator=_positive)
-    rank: int = attrs.field(default=8, validator=_positive)
+    embed_dim: int = attrs.field(default=32, validator=_positive_int)
+    hidden_dim: int = attrs.field(default=64, validator=_positive_int)
+    rank: int = attrs.field(default=8, validator=_positive_int)
     lora_alpha: float = attrs.field(default=16.0, validator=_positive)
-    pretrain_examples: int = attrs.field(default=60_000, validator=_positive)
-    pretrain_steps: int = attrs.field(default=600, validator=_positive)
-    pretrain_batch: int = attrs.field(default=512, validator=_positive)
+    pretrain_examples: int = attrs.field(default=60_000, validator=_positive_int)
+    pretrain_steps: int = attrs.field(default=600, validator=_positive_int)
+    pretrain_batch: int = attrs.field(default=512, validator=_positive_int)
     pretrain_lr: float = attrs.field(default=0.01, validator=_positive)
     harmful: int = attrs.field(default=10, validator=_non_negative_int)
     irrelevant: int = attrs.field(default=10, validator=_non_negative_int)
     train_sizes: tuple[int, ...] = attrs.field(
         default=(64, 96, 128, 192, 256), converter=_int_tuple, validator=_sizes
     )
-    train_steps: int = attrs.field(default=150, validator=_positive)
-    train_batch: int = attrs.field(default=8, validator=_positive)
+    train_steps: int = attrs.field(default=150, validator=_positive_int)
+    train_batch: int = attrs.field(default=8, validator=_positive_int)
     train_lr: float = attrs.field(default=0.01, validator=_positive)
     ood_targets: int = attrs.field(default=4, validator=_non_negative_int)
     id_targets: int = attrs.field(default=4, validator=_non_negative_int)
-    validation_size: int = attrs.field(default=300, validator=_positive)
-    holdout_size: int = attrs.field(default=100, validator=_positive)
-    test_size: int = attrs.field(default=1000, validator=_positive)
+    validation_size: int = attrs.field(default=300, validator=_positive_int)
+    holdout_size: int = attrs.field(default=100, validator=_positive_int)
+    test_size: int = attrs.field(default=1000, validator=_positive_int)
 
     def __attrs_post_init__(self) -> None:
         n_targets = self.ood_targets + self.id_targets
@@ -389,11 +400,36 @@ class Repository:
             raise ConfigError("every prompt needs at least one word")
         return ids, lengths
 
+    def examples(
+        self, prompts: Sequence[str], answers: Sequence[str], answer_set: Sequence[str] | None = None
+    ) -> Examples:
+        """Labelled examples from text (inline validation data, say); `answer_set` defaults to the labels.
+
+        ConfigError if an answer or an answer-set word is not a token, or an answer is not in the set.
+        """
+        if isinstance(answers, str) or len(answers) != len(prompts):
+            raise ConfigError(f"need one answer per prompt, got {len(answers)} for {len(prompts)}")
+        ids, lengths = self.encode(prompts)
+        tok = self.world.tokenizer
+        answer_ids = (
+            self.world.label_ids
+            if answer_set is None
+            else np.array([tok.token_id(w) for w in answer_set], dtype=np.int64)
+        )
+        labels = np.array([tok.token_id(a) for a in answers], dtype=np.int64)
+        return Examples(tuple(prompts), ids, lengths, labels, answer_ids)
+
     def next_token_logprobs(self, weights: ModelWeights, prompts: Sequence[str]) -> FloatArray:
         """Log-probabilities of every vocabulary token as the next token, one row per text prompt."""
         ids, lengths = self.encode(prompts)
+        return self.next_token_logprobs_ids(weights, ids, lengths)
+
+    def next_token_logprobs_ids(self, weights: ModelWeights, ids: IntArray, lengths: IntArray) -> FloatArray:
+        """Like `next_token_logprobs`, from right-padded token ids and lengths."""
         with single_threaded_blas():
-            return log_softmax(forward_logits(weights, ids, lengths)).astype(np.float64)
+            return log_softmax(forward_logits(weights, np.asarray(ids), np.asarray(lengths))).astype(
+                np.float64
+            )
 
     def top_logprobs(self, weights: ModelWeights, prompt: str, k: int = 5) -> list[tuple[str, float]]:
         """The `k` most likely next tokens of one text prompt with their log-probabilities."""
@@ -450,12 +486,15 @@ def _adapter_specs(config: RepositoryConfig, world: World) -> list[AdapterInfo]:
     def size() -> int:
         return int(sizes[int(rng.integers(len(sizes)))])
 
-    specs = [
-        AdapterInfo(f"{t}/{d}", "task", world.grid_task(t, d), size())
-        for t in world.type_names
-        for d in world.domain_names
-    ]
     targets = _target_tasks(config, world)
+    # An in-domain target's specialist is a low-resource adapter (the user's own, say): the hub can add to it.
+    low_resource = {task.name for kind, task in targets if kind == "id"}
+    specs = []
+    for type_name in world.type_names:
+        for domain_name in world.domain_names:
+            task = world.grid_task(type_name, domain_name)
+            n = size()
+            specs.append(AdapterInfo(task.name, "task", task, min(sizes) if task.name in low_resource else n))
     used: set[str] = set()
     for h in range(config.harmful):
         kind, task = targets[h % len(targets)]
