@@ -320,7 +320,7 @@ def main() -> None:
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     quick = args.quick
-    repeats = 4 if quick else 9
+    repeats = 5 if quick else 9
     n_seq = 300 if quick else 1500
     rpm = 6000.0
     n_rate = 600 if quick else 6000  # 6 s / 60 s at 100 requests per second
