@@ -63,10 +63,11 @@ def echo_server(*args: str) -> Iterator[str]:
     )
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError("echo server did not start")
-        yield json.loads(line)["url"]
+        for line in proc.stdout:
+            if line.startswith("{"):
+                yield json.loads(line)["url"]
+                return
+        raise RuntimeError("echo server did not start")
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -25,11 +25,13 @@ import ipaddress
 import json
 import re
 import signal
+import sys
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
 import aiohttp
+import structlog
 from aiohttp import web
 
 from ..errors import (
@@ -452,7 +454,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--faults", default=None, help="FaultConfig fields as JSON")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--warm-model", default="gpt-4o-mini", help="load this model's encoding at start")
-    asyncio.run(_serve(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    # stdout carries the one JSON line a parent process reads; logs go to stderr.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    asyncio.run(_serve(args))
 
 
 if __name__ == "__main__":
