@@ -183,7 +183,7 @@ async def test_the_concurrency_limit_holds_and_is_first_come_first_served() -> N
                 await anyio.lowlevel.checkpoint()  # start them in order
         assert peak == 3
         assert order == list(range(30))
-        assert s._slots.free == 3
+        assert s._slots.value == 3
 
 
 @pytest.mark.anyio
@@ -328,7 +328,7 @@ async def test_cancelling_callers_releases_everything() -> None:
             assert spend.unknown_tokens > 0  # ...the 8 sent were charged (the API may bill them)
             assert s.metrics().in_flight == 0
             assert s._inflight == {}
-            assert s._slots.free == s.max_concurrency and not s._slots._waiters
+            assert s._slots.value == s.max_concurrency
             # The cancelled calls leave nothing behind: the next call goes through at once.
             server.injector.faults = FaultConfig()
             assert (await s.complete(provider, req("after"))).text == "echo: question after"
