@@ -116,7 +116,7 @@ async def main() -> None:
     provider = EchoProvider(sys.argv[1])
     async with Scheduler(max_concurrency=1, cache=sys.argv[2]) as s:
         for i in range(int(sys.argv[3])):
-            request = ChatRequest(model="gpt-4o-mini", messages=f"question {i}", max_tokens=8)
+            request = ChatRequest(model="gpt-4o-mini", messages=f"question {i}", max_tokens=32)
             await s.complete(provider, request)
             print(i, flush=True)
             await anyio.sleep(0.02)
@@ -151,7 +151,7 @@ async def test_a_killed_run_resumes_from_its_cache_without_paying_twice(tmp_path
         async with Scheduler(cache=path) as s:
             answers = [
                 await s.complete(
-                    provider, ChatRequest(model="gpt-4o-mini", messages=f"question {i}", max_tokens=8)
+                    provider, ChatRequest(model="gpt-4o-mini", messages=f"question {i}", max_tokens=32)
                 )
                 for i in range(n)
             ]
@@ -171,7 +171,7 @@ async def test_checkpoint_flush_makes_results_durable(tmp_path: Path) -> None:
             async with anyio.create_task_group() as tg:
                 for i in range(25):
                     tg.start_soon(
-                        s.complete, provider, ChatRequest(model="gpt-4", messages=f"q{i}", max_tokens=4)
+                        s.complete, provider, ChatRequest(model="gpt-4", messages=f"q{i}", max_tokens=32)
                     )
             await s.flush()
             with sqlite3.connect(path) as conn:  # another reader sees everything after the flush

@@ -29,7 +29,8 @@ from evomerge_sdk.scheduler import Budget, Outcome, Price, RetryPolicy, Schedule
 MODEL = "gpt-4o-mini"
 
 
-def req(i: int | str, max_tokens: int = 16, **kw: Any) -> ChatRequest:
+def req(i: int | str, max_tokens: int = 32, **kw: Any) -> ChatRequest:
+    # 32: the whole echo fits even when counts are the byte estimate (no tiktoken files)
     return ChatRequest(model=MODEL, messages=f"question {i}", max_tokens=max_tokens, **kw)
 
 
