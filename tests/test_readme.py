@@ -24,3 +24,10 @@ def test_readme_opens_with_the_two_commands() -> None:
     commands = _readme_commands()
     assert len(commands) >= 2
     assert "pip install" in commands[0] and "pip install" in commands[1]
+
+
+def test_readme_python_examples_compile() -> None:
+    blocks = re.findall(r"```python\n(.+?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert blocks
+    for block in blocks:
+        compile(block, "README.md", "exec")
