@@ -1,0 +1,299 @@
+"""The `evomerge` command: a thin argument parser over the SDK.
+
+    evomerge demo [--quick] [--seed N] [--pool-size N] [--target NAME] [--budget TOKENS] [--out DIR]
+    evomerge serve-local [--port N] [--rpm N] [--tpm N] [--error-rate P] [--latency S] [--drop-rate P]
+
+Subcommands live in `COMMANDS` (name -> (help, add_arguments, run)), so more can be added without touching
+`main`. `rich` and `matplotlib` (the `cli` extra) are imported only by the commands that draw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .errors import ConfigError, EvomergeError
+
+__all__ = ["COMMANDS", "main"]
+
+API_KEY_ENV = "EVOMERGE_API_KEY"
+CLI_EXTRA_HINT = "pip install 'evomerge-sdk[cli]'"
+
+
+def _configure_logging(verbose: int) -> None:
+    """Log to stderr: warnings by default, info with -v, debug with -vv (stdout stays for results)."""
+    import structlog
+
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+def _require_cli_extra(*modules: str) -> None:
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"this command needs {', '.join(missing)}: {CLI_EXTRA_HINT}")
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+# -- demo ------------------------------------------------------------------------------------------
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="small search budgets: the whole demo in seconds")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="pool draw and search seed (default 0)")
+    p.add_argument("--pool-size", type=_positive_int, default=20, help="adapters in the pool (default 20)")
+    p.add_argument("--target", default=None, help="target, e.g. ood:re/law (default: the first OOD target)")
+    p.add_argument(
+        "--budget", type=_positive_int, default=None, help="token budget per search (default 8M, quick 2M)"
+    )
+    p.add_argument("--out", default="evomerge-out", help="output folder (default ./evomerge-out)")
+    p.add_argument("--preset", default="default", help="engine preset of the Evo-Merging row (default)")
+    p.add_argument(
+        "--lorahub-evaluations",
+        type=_positive_int,
+        default=None,
+        help="LoRAHub-style budget (800, quick 300)",
+    )
+    p.add_argument("--repository-seed", type=_non_negative_int, default=0, help="embedded repository seed")
+    p.add_argument("--cache", default=None, help="SQLite file caching evaluations across runs")
+    p.add_argument(
+        "--no-progress", action="store_true", help="plain progress lines instead of a live display"
+    )
+
+
+class _RichReporter:
+    """Live progress with rich: one bar per search (tokens spent against the budget), steps above it."""
+
+    def __init__(self, console: Any) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[spend]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self.tasks: dict[str, Any] = {}
+        self.progress.start()
+
+    def phase(self, text: str) -> None:
+        self.progress.console.print(text)
+
+    def search(self, row: str, progress: Any, spent_tokens: int, budget_tokens: int) -> None:
+        task = self.tasks.get(row)
+        if task is None:
+            task = self.tasks[row] = self.progress.add_task(row, total=budget_tokens, spend="")
+        self.progress.update(
+            task,
+            completed=spent_tokens,
+            description=(
+                f"{row}: {progress.stage}, gen {progress.generation}, best loss {progress.best_loss:.4f}"
+            ),
+            spend=f"{spent_tokens:,} / {budget_tokens:,} tokens",
+        )
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _print_table(console: Any, result: Any) -> None:
+    from rich.table import Table
+
+    from .demo import EVO
+
+    rows = result.rows
+    best = max(r.test_accuracy for r in rows)
+    table = Table(
+        title=f"{result.target}, pool of {len(result.pool)}, seed {result.config.seed}"
+        + (" (quick)" if result.config.quick else ""),
+        caption=(
+            "Test metrics on held-out test examples; queries = service evaluations, tokens = processed by "
+            "the service. † white-box: reads the adapters' weights and runs on the repository directly; "
+            "its counts are what the same evaluations would cost through the service."
+        ),
+        caption_justify="left",
+    )
+    table.add_column("method", no_wrap=True)
+    for header in ("test acc %", "test macro-F1 %", "val loss", "queries", "tokens"):
+        table.add_column(header, justify="right", no_wrap=True)
+    for r in rows:
+        style = "bold green" if r.test_accuracy == best else ("bold" if r.name == EVO else None)
+        table.add_row(
+            r.name + (" †" if r.whitebox else ""),
+            f"{100 * r.test_accuracy:.1f}",
+            f"{100 * r.test_macro_f1:.1f}",
+            f"{r.validation_loss:.4f}",
+            f"{r.queries:,}",
+            f"{r.tokens:,}",
+            style=style,
+        )
+    console.print(table)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    _require_cli_extra("rich", "matplotlib")
+    from rich.console import Console
+
+    from .demo import DemoConfig, PlainReporter, Reporter, run_demo
+
+    config = DemoConfig(
+        seed=args.seed,
+        pool_size=args.pool_size,
+        target=args.target,
+        budget_tokens=args.budget,
+        quick=args.quick,
+        out_dir=args.out,
+        repository_seed=args.repository_seed,
+        preset=args.preset,
+        lorahub_evaluations=args.lorahub_evaluations,
+        response_cache=args.cache,
+    )
+    console = Console()
+    if not console.is_terminal:  # a pipe or a CI log: room for the table rather than 80 columns
+        console = Console(width=max(console.width, 100))
+    reporter: Reporter
+    if args.no_progress or not console.is_terminal:
+        reporter = PlainReporter(sys.stdout)
+    else:
+        reporter = _RichReporter(console)
+    try:
+        result = run_demo(config, reporter)
+    finally:
+        reporter.close()
+    _print_table(console, result)
+    verdict = "beats" if result.evo_wins else "does NOT beat"
+    console.print(f"Evo-Merging {verdict} every other row on test accuracy.")
+    where = [str(result.result_path)] + ([str(result.plot_path)] if result.plot_path else [])
+    console.print("Wrote " + " and ".join(where))
+    return 0
+
+
+# -- serve-local -----------------------------------------------------------------------------------
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=_non_negative_int, default=8080, help="port (0: any free port)")
+    p.add_argument("--host", default="127.0.0.1", help=f"address (non-loopback needs ${API_KEY_ENV})")
+    p.add_argument("--rpm", type=float, default=None, help="requests per minute, answered with 429 beyond")
+    p.add_argument("--tpm", type=float, default=None, help="tokens per minute, answered with 429 beyond")
+    p.add_argument("--error-rate", type=float, default=0.0, help="share of requests answered 500/503")
+    p.add_argument("--rate-limit-rate", type=float, default=0.0, help="share of requests answered 429")
+    p.add_argument("--drop-rate", type=float, default=0.0, help="share of connections dropped after work")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds added to every billable request")
+    p.add_argument("--fault-seed", type=int, default=0, help="seed of the fault decisions")
+    p.add_argument("--pool-sizes", type=_positive_int, nargs="+", default=[5, 20, 100], help="preset sizes")
+    p.add_argument("--pool-seed", type=_non_negative_int, default=0, help="seed of the presets' pools")
+    p.add_argument("--repository-seed", type=_non_negative_int, default=0, help="embedded repository seed")
+    p.add_argument("--small", action="store_true", help="a tiny repository (for tests; builds instantly)")
+    p.add_argument("--max-sessions", type=_positive_int, default=64, help="open sessions at most")
+    p.add_argument("--output-dir", default=None, help="where materialized merges go (default: a temp dir)")
+    p.add_argument("--reference-only", action="store_true", help="only the reference routes and fields")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import anyio
+
+    from .local.faults import FaultConfig, ServerLimits
+    from .local.repository import RepositoryConfig
+    from .local.server import LocalService, serve
+
+    faults = FaultConfig(
+        seed=args.fault_seed,
+        error_rate=args.error_rate,
+        rate_limit_rate=args.rate_limit_rate,
+        drop_rate=args.drop_rate,
+        latency=args.latency,
+    )
+    limits = ServerLimits(rpm=args.rpm, tpm=args.tpm) if args.rpm or args.tpm else None
+    config = (
+        RepositoryConfig.small(args.repository_seed)
+        if args.small
+        else RepositoryConfig(seed=args.repository_seed)
+    )
+    service = LocalService(
+        repository_config=config,
+        host=args.host,
+        port=args.port,
+        api_key=os.environ.get(API_KEY_ENV) or None,
+        limits=limits,
+        faults=faults if faults.active else None,
+        pool_sizes=args.pool_sizes,
+        pool_seed=args.pool_seed,
+        max_sessions=args.max_sessions,
+        output_dir=args.output_dir,
+        reference_only=args.reference_only,
+    )
+
+    def announce(info: dict[str, Any]) -> None:
+        print(json.dumps(info), flush=True)
+        print(
+            f"evomerge: serving the embedded merge service on {info['url']} (Ctrl-C stops)", file=sys.stderr
+        )
+
+    anyio.run(lambda: serve(service, announce=announce))
+    return 0
+
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+COMMANDS: dict[str, Command] = {
+    "demo": (
+        "Evo-Merging against its baselines on the embedded service: table, result.json, convergence.png",
+        _demo_arguments,
+        _run_demo,
+    ),
+    "serve-local": (
+        "serve the embedded merge service (the protocol, chat completions, limits, faults)",
+        _serve_arguments,
+        _run_serve,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="evomerge", description="Black-box merging of LLMs reachable only through APIs (Evo-Merging)."
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `evomerge` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return COMMANDS[args.command][2](args)
+    except (ConfigError, EvomergeError) as exc:
+        print(f"evomerge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evomerge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

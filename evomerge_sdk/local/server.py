@@ -1,0 +1,621 @@
+"""The embedded merge service: the protocol of DESIGN 3 over the embedded repository, on aiohttp.
+
+    async with LocalService() as service:          # 127.0.0.1, a free port; builds (or loads) the repository
+        print(service.url)                         # http://127.0.0.1:43127
+
+Reference routes, unchanged (`"reference_only=True"` serves exactly these, as the authors' service does):
+
+    GET  /health                           {"status": "ok"}
+    GET  /v1/presets                       {"items": [{"preset_id", "adapter_count", "adapters", "datasets"}]}
+    POST /v1/sessions                      {"preset_id", "model_name_or_path"?, "query_plus"?} -> session
+    POST /v1/sessions/{id}/evaluate        {"alpha": [N], "beta": [N], "tag"?} -> {"loss", ...}
+    POST /v1/sessions/{id}/materialize     {"alpha", "beta", "tag"?} -> {"path", "adapter_name", ...}
+
+Extensions (listed by `GET /health` under "extensions"): `usage` on every billable answer; metrics
+(accuracy, macro-F1) beside the loss; inline validation data (`query_plus.examples`); minibatch scoring
+(`"examples": [indices]` on evaluate); `POST /v1/sessions/{id}/complete`; `DELETE /v1/sessions/{id}`;
+the OpenAI-compatible `POST /v1/chat/completions` and `GET /v1/models` over the base, every adapter and
+every materialized merge; `GET /stats` (what was served). Optional bearer-token auth guards `/v1/`.
+
+Errors are JSON `{"error": {"message", "type", "code"}}`: 400 unreadable JSON (and any malformed chat
+request, as OpenAI answers), 401 bad or missing token, 404 unknown session, preset, model or route, 413
+body over `max_body_bytes`, 422 malformed vectors or fields (wrong length, NaN/inf, non-numbers, alpha
+outside [0, 1]), 429 + `Retry-After` over the configured RPM/TPM, 503 + `Retry-After` when `max_sessions`
+sessions are open (a capacity limit of this process, not a rate limit: it clears when an idle session
+expires after `session_ttl` seconds or a client deletes one). A refused request changes nothing.
+
+RPM/TPM limits and fault injection (error rate, latency, dropped connections, ...) come from
+`evomerge_sdk.local.faults` and apply to the billable routes (`/v1/sessions/...`, `/v1/chat/...`); TPM
+counts the tokens a request will process. Numpy work runs in worker threads, so the server stays
+responsive, and every answer is a pure function of its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import hashlib
+import hmac
+import ipaddress
+import json
+import math
+import secrets
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+import attrs
+import numpy as np
+import structlog
+from aiohttp import web
+
+from ..errors import ConfigError
+from ..scheduler._checks import check_number
+from .faults import FaultConfig, FaultInjector, ServerLimits, ServerStats, record_served
+from .repository import Repository, RepositoryConfig, build_repository
+from .sessions import (
+    EXTENSIONS,
+    Catalog,
+    Decoding,
+    RequestError,
+    Session,
+    integer_field,
+    parse_decoding,
+    parse_examples_indices,
+    parse_session_request,
+    parse_top_logprobs,
+    parse_vectors,
+    prompt_of_messages,
+    request_seed,
+    tag_of,
+    usage,
+)
+
+__all__ = ["LocalService", "serve"]
+
+_log = structlog.get_logger("evomerge_sdk.local.server")
+_T = TypeVar("_T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# The parsed body of the request being handled (parsed once: TPM costing and the handler share it).
+_parsed: contextvars.ContextVar[tuple[web.Request, Any] | None] = contextvars.ContextVar(
+    "evomerge_local_parsed", default=None
+)
+_BILLABLE = ("/v1/sessions/", "/v1/chat/")
+_EVALUATE_FIELDS = {"alpha", "beta", "tag", "examples"}
+_MATERIALIZE_FIELDS = {"alpha", "beta", "tag"}
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": kind}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    # Strict JSON: a non-finite number never leaves this server (the work maps them to null).
+    return web.Response(
+        text=json.dumps(data, allow_nan=False, separators=(",", ":")),
+        status=status,
+        content_type="application/json",
+    )
+
+
+def _http_error(exc: web.HTTPException, max_body: int) -> web.Response:
+    if exc.status == 413:
+        return _error(
+            413, f"the request body exceeds this service's limit of {max_body} bytes", "request_too_large"
+        )
+    if exc.status == 404:
+        return _error(404, f"no route {exc.reason!r}: see GET /health and GET /v1/presets", "not_found_error")
+    kind = "method_not_allowed" if exc.status == 405 else "http_error"
+    return _error(exc.status, exc.reason or "request refused", kind)
+
+
+@attrs.define
+class _Open:
+    session: Session
+    last_used: float
+
+
+class LocalService:
+    """The embedded merge service as an async context manager (127.0.0.1 and a free port by default).
+
+    `repository` (or `repository_config`, default the 110-adapter hub, cached on disk) is what it serves;
+    `pool_sizes` and `pool_seed` make its presets (`Catalog`). `api_key` turns on bearer-token auth;
+    `limits` and `faults` are the RPM/TPM enforcement and fault injection of `local.faults`.
+    `output_dir` receives materialized merges (default: a fresh temporary folder). `reference_only`
+    serves only the reference routes and answer fields, to test clients against the authors' protocol.
+    A non-loopback `host` needs an `api_key`.
+    """
+
+    def __init__(
+        self,
+        repository: Repository | None = None,
+        *,
+        repository_config: RepositoryConfig | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str | None = None,
+        limits: ServerLimits | None = None,
+        faults: FaultConfig | None = None,
+        pool_sizes: Sequence[int] = (5, 20, 100),
+        pool_seed: int = 0,
+        max_sessions: int = 64,
+        session_ttl: float = 3600.0,
+        max_body_bytes: int = 1 << 20,
+        max_inline_examples: int = 2000,
+        workers: int = 2,
+        output_dir: str | Path | None = None,
+        reference_only: bool = False,
+    ) -> None:
+        if repository is not None and not isinstance(repository, Repository):
+            raise ConfigError(f"repository must be a Repository, got {type(repository).__name__}")
+        if api_key is not None and (not isinstance(api_key, str) or not api_key):
+            raise ConfigError("api_key must be a non-empty string or None")
+        if not _is_loopback(host) and api_key is None:
+            raise ConfigError(f"listening on {host!r} (not loopback) needs an api_key")
+        if isinstance(pool_sizes, (str, bytes)) or not pool_sizes:
+            raise ConfigError("pool_sizes must be a non-empty list of positive integers")
+        for size in pool_sizes:
+            check_number("pool_sizes entries", size, integer=True)
+        for name, value in (
+            ("max_sessions", max_sessions),
+            ("max_body_bytes", max_body_bytes),
+            ("max_inline_examples", max_inline_examples),
+            ("workers", workers),
+        ):
+            check_number(name, value, integer=True)
+        check_number("session_ttl", session_ttl, unit="seconds")
+        check_number("port", port, integer=True, strict=False)
+        self.host, self.port = host, port
+        self._repository = repository
+        self._repository_config = repository_config
+        self._api_key = api_key.encode() if api_key else None
+        self.pool_sizes = tuple(int(s) for s in pool_sizes)
+        self.pool_seed = int(pool_seed)
+        self.max_sessions = max_sessions
+        self.session_ttl = float(session_ttl)
+        self.max_body_bytes = max_body_bytes
+        self.max_inline_examples = max_inline_examples
+        self.reference_only = bool(reference_only)
+        self.extensions = () if reference_only else EXTENSIONS
+        self._output_dir = Path(output_dir) if output_dir is not None else None
+        self._workers = anyio.CapacityLimiter(workers)
+        self.stats = ServerStats()
+        self.injector = FaultInjector(
+            faults, limits, stats=self.stats, token_cost=self._token_cost, paths=_BILLABLE
+        )
+        self.catalog: Catalog | None = None
+        self._sessions: dict[str, _Open] = {}
+        self._runner: web.AppRunner | None = None
+
+    def __repr__(self) -> str:  # never the key
+        auth = self._api_key is not None
+        return f"LocalService(url={self.url!r}, auth={auth}, reference_only={self.reference_only})"
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. http://127.0.0.1:43127 (the port is known once started)."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def repository(self) -> Repository:
+        """The repository served (available once started)."""
+        if self.catalog is None:
+            raise ConfigError("the service has not started: `async with LocalService(...) as service:`")
+        return self.catalog.repository
+
+    @property
+    def open_sessions(self) -> int:
+        """Sessions currently open."""
+        return len(self._sessions)
+
+    async def __aenter__(self) -> LocalService:
+        repo = self._repository
+        if repo is None:
+            repo = await anyio.to_thread.run_sync(build_repository, self._repository_config)
+        self.catalog = await anyio.to_thread.run_sync(Catalog, repo, self.pool_sizes, self.pool_seed)
+        app = web.Application(
+            client_max_size=self.max_body_bytes, middlewares=[self._front, self.injector.middleware]
+        )
+        self._add_routes(app)
+        # handler_cancellation: a client that gives up ends its handler too.
+        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self.port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+        _log.info("local_service_started", url=self.url, presets=len(self.catalog.presets))
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self._sessions.clear()
+
+    def _add_routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get("/health", self._wrap(self._health))
+        r.add_get("/v1/presets", self._wrap(self._presets))
+        r.add_post("/v1/sessions", self._wrap(self._create_session))
+        r.add_post("/v1/sessions/{session_id}/evaluate", self._wrap(self._evaluate))
+        r.add_post("/v1/sessions/{session_id}/materialize", self._wrap(self._materialize))
+        if self.reference_only:
+            return
+        r.add_delete("/v1/sessions/{session_id}", self._wrap(self._delete_session))
+        r.add_post("/v1/sessions/{session_id}/complete", self._wrap(self._complete))
+        r.add_post("/v1/chat/completions", self._wrap(self._chat))
+        r.add_get("/v1/models", self._wrap(self._models))
+        r.add_get("/stats", self._wrap(self._stats))
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _wrap(self, handler: Handler) -> Handler:
+        """Refusals become JSON answers inside the fault middleware, so its statistics see them."""
+
+        @functools.wraps(handler)
+        async def run(request: web.Request) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except RequestError as exc:
+                return _error(exc.status, exc.message, exc.kind, exc.headers)
+            except web.HTTPException as exc:
+                return _http_error(exc, self.max_body_bytes)
+
+        return run
+
+    @web.middleware
+    async def _front(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Authentication first (a refused client consumes no rate limit), then JSON for any HTTP error."""
+        if self._api_key is not None and request.path.startswith("/v1/"):
+            given = request.headers.get("Authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._api_key):
+                return _error(
+                    401,
+                    "missing or invalid bearer token (send 'Authorization: Bearer <key>')",
+                    "authentication_error",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            return _http_error(exc, self.max_body_bytes)
+        except RequestError as exc:
+            return _error(exc.status, exc.message, exc.kind)
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        cached = _parsed.get()
+        if cached is not None and cached[0] is request:
+            body = cached[1]
+        else:
+            raw = await request.read()  # 413 past client_max_size
+            try:
+                body = json.loads(raw) if raw else None
+            except (ValueError, UnicodeDecodeError) as exc:
+                body = exc
+            _parsed.set((request, body))
+        if isinstance(body, Exception):
+            raise RequestError(400, f"the body is not valid JSON: {body}", "invalid_json")
+        if not isinstance(body, dict):
+            raise RequestError(422, "the body must be a JSON object")
+        return body
+
+    async def _work(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._workers)
+
+    def _catalog(self) -> Catalog:
+        assert self.catalog is not None
+        return self.catalog
+
+    def _session(self, request: web.Request) -> Session:
+        sid = request.match_info["session_id"]
+        entry = self._sessions.get(sid)
+        now = time.monotonic()
+        if entry is None or now - entry.last_used > self.session_ttl:
+            raise RequestError(
+                404, f"unknown session {sid!r} (never created, deleted or expired)", "not_found_error"
+            )
+        return entry.session
+
+    def _touch(self, session: Session) -> None:
+        entry = self._sessions.get(session.session_id)
+        if entry is not None:
+            entry.last_used = time.monotonic()
+
+    @staticmethod
+    def _check_fields(body: dict[str, Any], allowed: set[str]) -> None:
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise RequestError(422, f"unknown fields {unknown}; this route takes {sorted(allowed)}")
+
+    async def _token_cost(self, request: web.Request) -> int:
+        """Tokens a billable request will process (its TPM cost); 0 when it will be refused anyway."""
+        try:
+            body = await self._body(request)
+            if request.path.startswith("/v1/chat/"):
+                prompt = prompt_of_messages(body.get("messages"))
+                return len(self._catalog().repository.tokenizer.split(prompt)) + 1
+            session = self._session(request)
+            if request.path.endswith("/evaluate"):
+                idx = parse_examples_indices(body.get("examples"), session.n_examples)
+                return int(session.tokens.sum() if idx is None else session.tokens[idx].sum())
+            if request.path.endswith("/complete"):
+                given = body.get("prompt")
+                text = given if isinstance(given, str) else prompt_of_messages(body.get("messages"))
+                return len(self._catalog().repository.tokenizer.split(text)) + 1
+        except (RequestError, web.HTTPException, TypeError, ValueError):
+            return 0
+        return 0
+
+    # -- reference routes ------------------------------------------------------------------------
+    async def _health(self, request: web.Request) -> web.Response:
+        if self.reference_only:
+            return _json({"status": "ok"})
+        catalog = self._catalog()
+        return _json(
+            {
+                "status": "ok",
+                "service": "evomerge-sdk embedded merge service",
+                "extensions": list(self.extensions),
+                "revision": catalog.revision,
+                "auth": self._api_key is not None,
+            }
+        )
+
+    async def _presets(self, request: web.Request) -> web.Response:
+        catalog = self._catalog()
+        ext = not self.reference_only
+        return _json({"items": [catalog.describe(p, extensions=ext) for p in catalog.presets.values()]})
+
+    def _expire(self, now: float) -> None:
+        stale = [sid for sid, e in self._sessions.items() if now - e.last_used > self.session_ttl]
+        for sid in stale:
+            del self._sessions[sid]
+
+    async def _create_session(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        self._check_fields(body, {"preset_id", "model_name_or_path", "query_plus"})
+        sid = "sess_" + secrets.token_hex(12)
+        session = parse_session_request(
+            self._catalog(),
+            body,
+            sid,
+            max_inline_examples=self.max_inline_examples,
+            extensions=not self.reference_only,
+        )
+        now = time.monotonic()
+        self._expire(now)
+        if len(self._sessions) >= self.max_sessions:
+            oldest = min(e.last_used for e in self._sessions.values())
+            wait = max(1, math.ceil(oldest + self.session_ttl - now))
+            raise RequestError(
+                503,
+                f"this service holds at most {self.max_sessions} open sessions; delete one "
+                f"(DELETE /v1/sessions/{{id}}) or retry after an idle one expires ({wait} s)",
+                "session_limit",
+                {"Retry-After": str(wait)},
+            )
+        self._sessions[sid] = _Open(session, now)
+        _log.debug(
+            "session_created", session_id=sid, preset_id=session.preset.preset_id, n=session.n_examples
+        )
+        answer = session.describe(extensions=not self.reference_only)
+        if not self.reference_only:
+            answer["revision"] = self._catalog().revision
+        return _json(answer)
+
+    async def _evaluate(self, request: web.Request) -> web.Response:
+        session = self._session(request)
+        body = await self._body(request)
+        allowed = _EVALUATE_FIELDS if not self.reference_only else _EVALUATE_FIELDS - {"examples"}
+        self._check_fields(body, allowed)
+        alpha, beta = parse_vectors(body, len(session.preset.adapters))
+        tag = tag_of(body)
+        idx = parse_examples_indices(body.get("examples"), session.n_examples)
+        self._touch(session)
+        result = await self._work(self._catalog().evaluate, session, alpha, beta, idx)
+        record_served(request, result["usage"]["input_tokens"], 0)
+        if self.reference_only:
+            return _json({"loss": result["loss"], "tag": tag})
+        return _json({**result, "tag": tag, "session_id": session.session_id})
+
+    async def _materialize(self, request: web.Request) -> web.Response:
+        session = self._session(request)
+        body = await self._body(request)
+        self._check_fields(body, _MATERIALIZE_FIELDS)
+        alpha, beta = parse_vectors(body, len(session.preset.adapters))
+        tag = tag_of(body)
+        self._touch(session)
+        if self._output_dir is None:
+            self._output_dir = Path(tempfile.mkdtemp(prefix="evomerge-materialized-"))
+        result = await self._work(self._catalog().materialize, session, alpha, beta, self._output_dir)
+        record_served(request, 0, 0)
+        if self.reference_only:
+            return _json({"path": result["path"], "adapter_name": result["adapter_name"], "tag": tag})
+        return _json({**result, "tag": tag, "usage": usage(0, 0)})
+
+    # -- extensions ------------------------------------------------------------------------------
+    async def _delete_session(self, request: web.Request) -> web.Response:
+        session = self._session(request)
+        del self._sessions[session.session_id]
+        return _json({"session_id": session.session_id, "deleted": True})
+
+    async def _complete(self, request: web.Request) -> web.Response:
+        session = self._session(request)
+        body = await self._body(request)
+        self._check_fields(
+            body,
+            {"alpha", "beta", "prompt", "messages", "max_tokens", "top_logprobs", "temperature", "top_p",
+             "top_k", "seed", "tag"},
+        )  # fmt: skip
+        alpha, beta = parse_vectors(body, len(session.preset.adapters))
+        if isinstance(body.get("prompt"), str):
+            prompt = body["prompt"]
+        elif body.get("prompt") is None and body.get("messages") is not None:
+            try:
+                prompt = prompt_of_messages(body["messages"])
+            except RequestError as exc:
+                raise RequestError(422, exc.message) from None
+        else:
+            raise RequestError(422, "give prompt (a string) or messages (a chat)")
+        integer_field(body, "max_tokens", None, low=1)
+        decoding = parse_decoding(body, session.decoding)
+        top = parse_top_logprobs(body)
+        seed = request_seed(body)
+        self._touch(session)
+
+        def work() -> dict[str, Any]:
+            catalog = self._catalog()
+            with np.errstate(all="ignore"):
+                weights = catalog.merger(session.preset).merge(alpha, beta)
+            return catalog.next_token(weights, prompt, decoding, top, seed)
+
+        out = await self._work(work)
+        record_served(request, out["prompt_tokens"], 1)
+        return _json(
+            {
+                "text": out["text"],
+                "finish_reason": "stop",
+                "logprobs": [
+                    {
+                        "token": out["token"],
+                        "logprob": out["logprob"],
+                        "top_logprobs": [{"token": t, "logprob": lp} for t, lp in out["top_logprobs"]],
+                    }
+                ],
+                "usage": usage(out["prompt_tokens"], 1),
+                "tag": tag_of(body),
+            }
+        )
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        try:
+            return await self._chat_answer(request)
+        except RequestError as exc:
+            if exc.status == 422:  # OpenAI answers malformed requests with 400
+                raise RequestError(400, exc.message, exc.kind) from None
+            raise
+
+    async def _chat_answer(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        if body.get("stream"):
+            raise RequestError(400, "stream=true is not supported: this service returns whole completions")
+        if body.get("n", 1) != 1:
+            raise RequestError(400, "n must be 1")
+        catalog = self._catalog()
+        model = body.get("model")
+        weights = catalog.model(model)
+        prompt = prompt_of_messages(body.get("messages"))
+        integer_field(body, "max_tokens", None, low=1)
+        integer_field(body, "max_completion_tokens", None, low=1)
+        logprobs = body.get("logprobs", False)
+        if not isinstance(logprobs, bool):
+            raise RequestError(400, "logprobs must be true or false")
+        top = parse_top_logprobs(body)
+        if top and not logprobs:
+            raise RequestError(400, "top_logprobs needs logprobs=true")
+        decoding = parse_decoding({k: body.get(k) for k in ("temperature", "top_p")}, Decoding())
+        seed = request_seed(body)
+        out = await self._work(catalog.next_token, weights, prompt, decoding, top, seed)
+        prompt_tokens = out["prompt_tokens"]
+        record_served(request, prompt_tokens, 1)
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": out["text"]},
+            "finish_reason": "stop",
+            "logprobs": None,
+        }
+        if logprobs:
+            choice["logprobs"] = {
+                "content": [
+                    {
+                        "token": out["token"],
+                        "logprob": out["logprob"],
+                        "bytes": list(out["token"].encode()),
+                        "top_logprobs": [
+                            {"token": t, "logprob": lp, "bytes": list(t.encode())}
+                            for t, lp in out["top_logprobs"]
+                        ],
+                    }
+                ]
+            }
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        return _json(
+            {
+                "id": f"chatcmpl-{digest}",
+                "object": "chat.completion",
+                "created": 0,
+                "model": model,
+                "system_fingerprint": f"evomerge-local-{catalog.revision}",
+                "choices": [choice],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": 1,
+                    "total_tokens": prompt_tokens + 1,
+                    "prompt_tokens_details": {"cached_tokens": 0},
+                },
+            }
+        )
+
+    async def _models(self, request: web.Request) -> web.Response:
+        names = self._catalog().chat_models()
+        return _json(
+            {
+                "object": "list",
+                "data": [
+                    {"id": n, "object": "model", "created": 0, "owned_by": "evomerge-local"} for n in names
+                ],
+            }
+        )
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return _json({**self.stats.as_dict(), "open_sessions": self.open_sessions})
+
+
+async def serve(service: LocalService, *, announce: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Run `service` until SIGINT/SIGTERM; `announce` receives {"url", "presets", ...} once it listens."""
+    async with service:
+        catalog = service._catalog()
+        info = {
+            "url": service.url,
+            "presets": len(catalog.presets),
+            "adapters": len(catalog.repository.adapter_names),
+            "auth": service._api_key is not None,
+            "reference_only": service.reference_only,
+        }
+        if announce is not None:
+            announce(info)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if sys.platform != "win32":
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            if sys.platform != "win32":
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)

@@ -1,0 +1,633 @@
+"""The merge-service protocol (DESIGN 3) as a provider: a client, and the objective the search calls.
+
+    async with MergeServiceClient("http://127.0.0.1:8080", scheduler=scheduler) as client:
+        validation = await client.create_session("ood:ner/news/pool-20")
+        result = await EvoMerge(ServiceObjective(client, validation), validation.adapter_count).run()
+
+Every billable call (evaluate, complete) goes through `Scheduler.call`: it reserves its worst case in
+tokens under the hard budget, waits for the RPM/TPM limiter, is retried on 429/5xx/timeouts/dropped
+connections, and is cached. The cache key is what the answer depends on (the preset, the session's
+query_plus and model as sent, the server's revision when it reports one, the exact vectors and the
+examples), never the session id, which changes with every run: a SQLite cache reused after a restart
+answers the same evaluations without paying again. Control calls (create_session, materialize) go
+through the scheduler too, for its retries and limits, at no token cost.
+
+The client speaks the reference protocol and uses the embedded service's extensions only when
+`GET /health` lists them: `usage` (otherwise each evaluation is charged `tokens_per_evaluation`, an
+estimate you can set), `metrics`, `minibatch` (otherwise minibatch requests fall back to full evaluations,
+logged once), `complete` and `delete_session`. So it works unchanged against the authors' service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import ssl
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import anyio
+import attrs
+import numpy as np
+import structlog
+from numpy.typing import ArrayLike
+
+from .engine.objective import Candidate, EvaluationContext, Split
+from .errors import BadResponse, BudgetExceeded, ConfigError, ConnectionFailed, Timeout
+from .http import HTTPAnswer, HTTPClient, check_base_url
+from .local.echo_server import parse_rate_limit_headers
+from .local.merge import check_coefficients
+from .providers import RateLimitInfo, TokenLogprob, Usage
+from .scheduler import Outcome, Scheduler, cache_key
+
+__all__ = [
+    "DEFAULT_TOKENS_PER_EVALUATION",
+    "Evaluation",
+    "Materialized",
+    "MergeServiceClient",
+    "ServiceCompletion",
+    "ServiceObjective",
+    "ServicePreset",
+    "ServiceSession",
+]
+
+_log = structlog.get_logger("evomerge_sdk.service")
+
+DEFAULT_TOKENS_PER_EVALUATION = 300 * 256
+"""What one evaluation is assumed to cost when the server reports neither usage nor its dataset's size:
+the paper's 300 validation samples at 256 tokens each. Set `tokens_per_evaluation` for your service."""
+
+_NO_COST = Usage(0, 0)
+
+
+def _never_final(_error: Mapping[str, Any]) -> bool:
+    # The merge service has no quota 429s: every 429 is a rate limit worth waiting for.
+    return False
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+@attrs.frozen
+class ServicePreset:
+    """A pool the service offers: its id, adapters and the datasets sessions may name."""
+
+    preset_id: str
+    adapter_count: int
+    adapters: tuple[str, ...]
+    datasets: tuple[str, ...]
+    raw: Mapping[str, Any] = attrs.field(eq=False, repr=False)
+
+
+@attrs.frozen
+class ServiceSession:
+    """An open session: what it scores and what one evaluation may cost.
+
+    `n_examples`, `tokens_per_evaluation` and `tokens_per_example` come from the server when it reports
+    them (the embedded service does); `tokens_per_evaluation` falls back to the client's estimate.
+    `minibatch` says whether evaluations of this session can score a subset of its examples.
+    """
+
+    session_id: str
+    preset_id: str
+    adapter_count: int
+    query_plus: Mapping[str, Any]
+    n_examples: int | None
+    tokens_per_evaluation: int
+    tokens_per_example: int | None
+    minibatch: bool
+    fingerprint: str = attrs.field(repr=False)
+    raw: Mapping[str, Any] = attrs.field(eq=False, repr=False)
+
+
+@attrs.frozen
+class Evaluation:
+    """One evaluation's answer: the loss (NaN if the service could not score the merge), its usage,
+    the metrics the service reports (None otherwise), and whether it came from the cache."""
+
+    loss: float
+    usage: Usage
+    accuracy: float | None = None
+    macro_f1: float | None = None
+    n_examples: int | None = None
+    cached: bool = False
+    raw: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+
+
+@attrs.frozen
+class Materialized:
+    """Where the service put a merged adapter."""
+
+    path: str
+    adapter_name: str | None
+    raw: Mapping[str, Any] = attrs.field(eq=False, repr=False)
+
+
+@attrs.frozen
+class ServiceCompletion:
+    """A completion of the merged model: its text, per-token log-probabilities and usage."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...]
+    usage: Usage
+    cached: bool = False
+
+
+class _Transport(HTTPClient):
+    """`HTTPClient` plus GET and DELETE, with the same failure mapping (the protocol needs both)."""
+
+    async def request(self, method: str, url: str, headers: Mapping[str, str]) -> Any:
+        """Send a body-less request; the parsed JSON answer, or the SDK error for the failure."""
+        if self._closed:
+            raise ConfigError(f"the {self.provider} client is closed")
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        try:
+            async with self._session.request(
+                method,
+                url,
+                headers={**headers, "Accept": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                ssl=self._ssl,
+                allow_redirects=False,
+            ) as resp:
+                status, resp_headers, raw = resp.status, resp.headers, await resp.read()
+        except asyncio.TimeoutError as exc:
+            raise self._transport_failure(Timeout, f"no answer within {self.timeout:g} s", exc) from exc
+        except aiohttp.ClientError as exc:
+            raise self._transport_failure(ConnectionFailed, f"{type(exc).__name__}: {exc}", exc) from exc
+        answer = HTTPAnswer(status, resp_headers, raw.decode("utf-8", errors="replace"))
+        if 200 <= status < 300:
+            return self._parse_json(answer)
+        try:
+            data = json.loads(answer.text)
+        except ValueError:
+            data = None
+        error = data.get("error", data) if isinstance(data, dict) else None
+        message = error.get("message") if isinstance(error, dict) else None
+        if not isinstance(message, str):
+            message = answer.text[:200] or "(empty body)"
+        raise self._error(answer, message, parse_rate_limit_headers(resp_headers), never_retry=False)
+
+
+def _number(value: Any, where: str, *, allow_null: bool = False) -> float | None:
+    if value is None and allow_null:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadResponse(f"{where} should be a number, got {value!r:.80}")
+    return float(value)
+
+
+def _count(value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadResponse(f"{where} should be a non-negative integer, got {value!r:.80}")
+    return value
+
+
+def _answer_usage(data: Mapping[str, Any]) -> Usage | None:
+    usage = data.get("usage")
+    if usage is None:
+        return None
+    if not isinstance(usage, dict):
+        raise BadResponse("answer.usage is not an object")
+    return Usage(
+        _count(usage.get("input_tokens"), "usage.input_tokens") or 0,
+        _count(usage.get("output_tokens"), "usage.output_tokens") or 0,
+    )
+
+
+def _vectors(alpha: ArrayLike, beta: ArrayLike, n: int) -> tuple[list[float], list[float]]:
+    """alpha and beta as lists of n finite floats, alpha in [0, 1]: refused here, before any request."""
+    a, b = check_coefficients(alpha, beta, n)
+    return a.tolist(), b.tolist()
+
+
+def _indices(examples: ArrayLike | None, n: int | None) -> list[int] | None:
+    if examples is None:
+        return None
+    idx = np.asarray(examples)
+    if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
+        raise ConfigError("examples must be a non-empty vector of integer indices")
+    if np.any(np.diff(idx) <= 0) or idx[0] < 0 or (n is not None and idx[-1] >= n):
+        raise ConfigError(f"examples must be sorted, distinct indices in [0, {n})")
+    return [int(i) for i in idx]
+
+
+class MergeServiceClient:
+    """A client of a merge service (the embedded one or the authors'): `async with` it.
+
+    `scheduler`: the `Scheduler` every call goes through (budget, limits, retries, cache), opened by the
+    caller; without one the client opens its own (in-memory cache, default retries). `model` is the name
+    the scheduler prices and limits these calls under (give it a `Price` with a USD budget).
+    `tokens_per_evaluation` is the cost assumed for an evaluation when the server does not report one.
+    `cache_namespace` separates the cache entries of services that reuse preset names for other data.
+    The API key is sent as a bearer token and never appears in errors, logs or repr.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        scheduler: Scheduler | None = None,
+        model: str = "merge-service",
+        timeout: float = 60.0,
+        verify_tls: bool | ssl.SSLContext = True,
+        session: aiohttp.ClientSession | None = None,
+        tokens_per_evaluation: int = DEFAULT_TOKENS_PER_EVALUATION,
+        cache_namespace: str = "",
+    ) -> None:
+        self.base_url = check_base_url(base_url, "base_url")
+        if scheduler is not None and not isinstance(scheduler, Scheduler):
+            raise ConfigError(f"scheduler must be a Scheduler, got {type(scheduler).__name__}")
+        if (
+            isinstance(tokens_per_evaluation, bool)
+            or not isinstance(tokens_per_evaluation, int)
+            or tokens_per_evaluation < 1
+        ):
+            raise ConfigError(
+                f"tokens_per_evaluation must be a positive integer, got {tokens_per_evaluation!r}"
+            )
+        if not isinstance(model, str) or not model:
+            raise ConfigError("model must be a non-empty string")
+        self.model = model
+        self.tokens_per_evaluation = tokens_per_evaluation
+        self.cache_namespace = str(cache_namespace)
+        self._own_scheduler = scheduler is None
+        self.scheduler = scheduler if scheduler is not None else Scheduler()
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = _Transport(
+            provider="merge-service",
+            timeout=timeout,
+            verify_tls=verify_tls,
+            session=session,
+            secrets=[api_key or ""],
+        )
+        self._extensions: tuple[str, ...] | None = None
+        self._revision: str | None = None
+
+    def __repr__(self) -> str:
+        return f"MergeServiceClient(base_url={self.base_url!r}, model={self.model!r})"
+
+    async def __aenter__(self) -> MergeServiceClient:
+        if self._own_scheduler:
+            await self.scheduler.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close connections (and the scheduler the client opened itself)."""
+        try:
+            await self._http.aclose()
+        finally:
+            if self._own_scheduler:
+                self._own_scheduler = False
+                await self.scheduler.__aexit__(None, None, None)
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _url(self, *parts: str) -> str:
+        return self.base_url + "/" + "/".join(quote(p, safe="") for p in parts)
+
+    async def _post(self, url: str, body: Mapping[str, Any]) -> tuple[Any, RateLimitInfo | None]:
+        data, limits = await self._http.exchange(
+            url, body, self._headers, {}, rate_limits=parse_rate_limit_headers, final_429=_never_final
+        )
+        if not isinstance(data, dict):
+            raise BadResponse(f"merge-service answered {type(data).__name__}, not a JSON object")
+        return data, limits
+
+    async def _control(self, url: str, body: Mapping[str, Any], label: str) -> dict[str, Any]:
+        """A non-billable POST through the scheduler (retries and limits, no token cost, no cache)."""
+
+        async def send() -> Outcome:
+            data, limits = await self._post(url, body)
+            return Outcome(data, _NO_COST, limits)
+
+        result = await self.scheduler.call(send, model=self.model, reserve=_NO_COST, label=label)
+        value: dict[str, Any] = result.value
+        return value
+
+    # -- routes ----------------------------------------------------------------------------------
+    async def health(self) -> dict[str, Any]:
+        """`GET /health`; remembers the extensions the server lists."""
+        data = await self._http.request("GET", self._url("health"), self._headers)
+        if not isinstance(data, dict) or data.get("status") != "ok":
+            raise BadResponse(f"merge-service health answer is not {{'status': 'ok'}}: {data!r:.120}")
+        ext = data.get("extensions")
+        self._extensions = tuple(str(e) for e in ext) if isinstance(ext, list) else ()
+        revision = data.get("revision")
+        self._revision = revision if isinstance(revision, str) else None
+        return data
+
+    async def extensions(self) -> tuple[str, ...]:
+        """The protocol extensions the server offers (empty for a reference-only server)."""
+        if self._extensions is None:
+            await self.health()
+        assert self._extensions is not None
+        return self._extensions
+
+    async def presets(self) -> list[ServicePreset]:
+        """`GET /v1/presets`: the pools on offer."""
+        data = await self._http.request("GET", self._url("v1", "presets"), self._headers)
+        items = data.get("items") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise BadResponse("the presets answer has no items list")
+        out = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or not isinstance(item.get("preset_id"), str):
+                raise BadResponse(f"presets.items[{i}] has no preset_id")
+            adapters = item.get("adapters") or []
+            datasets = item.get("datasets") or []
+            count = _count(item.get("adapter_count"), f"presets.items[{i}].adapter_count")
+            out.append(
+                ServicePreset(
+                    preset_id=item["preset_id"],
+                    adapter_count=count if count is not None else len(adapters),
+                    adapters=tuple(str(a) for a in adapters),
+                    datasets=tuple(str(d) for d in datasets),
+                    raw=item,
+                )
+            )
+        return out
+
+    async def create_session(
+        self,
+        preset_id: str,
+        *,
+        query_plus: Mapping[str, Any] | None = None,
+        model_name_or_path: str | None = None,
+        tokens_per_evaluation: int | None = None,
+    ) -> ServiceSession:
+        """`POST /v1/sessions`: a session scoring `query_plus`'s data (the server's default when None)."""
+        if not isinstance(preset_id, str) or not preset_id:
+            raise ConfigError("preset_id must be a non-empty string")
+        extensions = await self.extensions()
+        body: dict[str, Any] = {"preset_id": preset_id}
+        if model_name_or_path is not None:
+            body["model_name_or_path"] = model_name_or_path
+        if query_plus is not None:
+            body["query_plus"] = dict(query_plus)
+        try:
+            canonical_query = _canonical(body.get("query_plus"))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"query_plus must be JSON-serialisable with finite numbers: {exc}") from None
+        data = await self._control(self._url("v1", "sessions"), body, "create_session")
+        sid = data.get("session_id")
+        if not isinstance(sid, str) or not sid:
+            raise BadResponse("the session answer has no session_id")
+        count = _count(data.get("adapter_count"), "session.adapter_count")
+        if not count:
+            raise BadResponse("the session answer has no adapter_count")
+        n_examples = _count(data.get("n_examples"), "session.n_examples")
+        per_eval = _count(data.get("max_tokens_per_evaluation"), "session.max_tokens_per_evaluation")
+        per_example = _count(data.get("max_tokens_per_example"), "session.max_tokens_per_example")
+        revision = data.get("revision") if isinstance(data.get("revision"), str) else self._revision
+        fingerprint = cache_key(
+            "evomerge/service/session/v1",
+            self.cache_namespace,
+            preset_id,
+            revision or "",
+            model_name_or_path or "",
+            canonical_query,
+        )
+        return ServiceSession(
+            session_id=sid,
+            preset_id=preset_id,
+            adapter_count=count,
+            query_plus=dict(query_plus or {}),
+            n_examples=n_examples,
+            tokens_per_evaluation=per_eval or tokens_per_evaluation or self.tokens_per_evaluation,
+            tokens_per_example=per_example,
+            minibatch="minibatch" in extensions and n_examples is not None,
+            fingerprint=fingerprint,
+            raw=data,
+        )
+
+    async def delete_session(self, session: ServiceSession) -> bool:
+        """Free a session on the server (an extension); False when the server cannot delete sessions."""
+        if "delete_session" not in await self.extensions():
+            return False
+        await self._http.request("DELETE", self._url("v1", "sessions", session.session_id), self._headers)
+        return True
+
+    def worst_case(self, session: ServiceSession, examples: Sequence[int] | None) -> int:
+        """Tokens an evaluation of `examples` (None: all) may cost at most: its budget reservation."""
+        total = session.tokens_per_evaluation
+        if examples is None or session.tokens_per_example is None:
+            return total
+        return min(total, len(examples) * session.tokens_per_example)
+
+    async def evaluate(
+        self,
+        session: ServiceSession,
+        alpha: ArrayLike,
+        beta: ArrayLike,
+        *,
+        examples: ArrayLike | None = None,
+        tag: str | None = None,
+        cache: bool = True,
+    ) -> Evaluation:
+        """The merge's loss on the session's data (`examples`: a sorted subset of its indices)."""
+        a, b = _vectors(alpha, beta, session.adapter_count)
+        idx = _indices(examples, session.n_examples)
+        if idx is not None and not session.minibatch:
+            raise ConfigError("this service cannot score a subset of examples (no minibatch extension)")
+        body: dict[str, Any] = {"alpha": a, "beta": b}
+        if tag is not None:
+            body["tag"] = tag
+        if idx is not None:
+            body["examples"] = idx
+        reserve = Usage(self.worst_case(session, idx), 0)
+        key = None
+        if cache:
+            key = cache_key(
+                "evomerge/service/evaluate/v1", session.fingerprint, repr(a), repr(b), repr(idx)
+            )  # repr of floats round-trips exactly
+        url = self._url("v1", "sessions", session.session_id, "evaluate")
+
+        async def send() -> Outcome:
+            data, limits = await self._post(url, body)
+            loss = _number(data.get("loss"), "answer.loss", allow_null=True)
+            value = {k: v for k, v in data.items() if k not in ("session_id", "tag", "usage")}
+            value["loss"] = loss
+            # Without reported usage the estimate is charged: the budget stays hard.
+            return Outcome(value, _answer_usage(data) or reserve, limits)
+
+        result = await self.scheduler.call(
+            send, model=self.model, reserve=reserve, cache_key=key, label="evaluate"
+        )
+        value = result.value
+        loss = value.get("loss")
+        return Evaluation(
+            loss=math.nan if loss is None else float(loss),
+            usage=result.usage,
+            accuracy=_number(value.get("accuracy"), "answer.accuracy", allow_null=True),
+            macro_f1=_number(value.get("macro_f1"), "answer.macro_f1", allow_null=True),
+            n_examples=_count(value.get("n_examples"), "answer.n_examples"),
+            cached=result.cached,
+            raw=value,
+        )
+
+    async def materialize(
+        self, session: ServiceSession, alpha: ArrayLike, beta: ArrayLike, *, tag: str | None = None
+    ) -> Materialized:
+        """`POST .../materialize`: have the service write the merged adapter; where it went."""
+        a, b = _vectors(alpha, beta, session.adapter_count)
+        body: dict[str, Any] = {"alpha": a, "beta": b}
+        if tag is not None:
+            body["tag"] = tag
+        data = await self._control(
+            self._url("v1", "sessions", session.session_id, "materialize"), body, "materialize"
+        )
+        path = data.get("path")
+        if not isinstance(path, str):
+            raise BadResponse("the materialize answer has no path")
+        name = data.get("adapter_name")
+        return Materialized(path=path, adapter_name=name if isinstance(name, str) else None, raw=data)
+
+    async def complete(
+        self,
+        session: ServiceSession,
+        alpha: ArrayLike,
+        beta: ArrayLike,
+        prompt: str,
+        *,
+        max_tokens: int = 1,
+        top_logprobs: int = 0,
+        temperature: float | None = None,
+        seed: int | None = None,
+        cache: bool = True,
+    ) -> ServiceCompletion:
+        """A completion of `prompt` by the merged model (the `complete` extension)."""
+        if "complete" not in await self.extensions():
+            raise ConfigError("this service has no completions for merged models (no 'complete' extension)")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigError("prompt must be a non-empty string")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ConfigError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        a, b = _vectors(alpha, beta, session.adapter_count)
+        body: dict[str, Any] = {"alpha": a, "beta": b, "prompt": prompt, "max_tokens": max_tokens}
+        if top_logprobs:
+            body["top_logprobs"] = top_logprobs
+        if temperature is not None:
+            body["temperature"] = temperature
+        if seed is not None:
+            body["seed"] = seed
+        # A token is at least one byte, so the prompt's UTF-8 length bounds its tokens.
+        reserve = Usage(len(prompt.encode("utf-8")) + 8, max_tokens)
+        key = (
+            cache_key("evomerge/service/complete/v1", session.fingerprint, _canonical(body))
+            if cache
+            else None
+        )
+        url = self._url("v1", "sessions", session.session_id, "complete")
+
+        async def send() -> Outcome:
+            data, limits = await self._post(url, body)
+            value = {k: data.get(k) for k in ("text", "logprobs", "finish_reason")}
+            if not isinstance(value["text"], str):
+                raise BadResponse("the completion answer has no text")
+            return Outcome(value, _answer_usage(data) or reserve, limits)
+
+        result = await self.scheduler.call(
+            send, model=self.model, reserve=reserve, cache_key=key, label="complete"
+        )
+        logprobs = []
+        for item in result.value.get("logprobs") or []:
+            top = tuple((str(t["token"]), float(t["logprob"])) for t in item.get("top_logprobs") or [])
+            logprobs.append(TokenLogprob(str(item["token"]), float(item["logprob"]), top))
+        return ServiceCompletion(result.value["text"], tuple(logprobs), result.usage, result.cached)
+
+
+class ServiceObjective:
+    """The engine's `Objective` over a merge service: each candidate's loss from one evaluation.
+
+    A generation is sent concurrently (an anyio task group; the scheduler bounds concurrency).
+    `context.split` picks the session: `validation`, or `held_out` for early stopping (ConfigError if
+    the search asks for a held-out split and there is none). With `context.batch_size` set, each
+    candidate is scored on the generation's minibatch, when the server has the minibatch extension;
+    otherwise on everything (logged once). A `BudgetExceeded` reaches the search, which stops cleanly.
+    """
+
+    def __init__(
+        self,
+        client: MergeServiceClient,
+        validation: ServiceSession,
+        held_out: ServiceSession | None = None,
+    ) -> None:
+        for session in (validation, held_out):
+            if session is not None and not isinstance(session, ServiceSession):
+                raise ConfigError(f"sessions must be ServiceSession objects, got {type(session).__name__}")
+        if held_out is not None and held_out.adapter_count != validation.adapter_count:
+            raise ConfigError("the validation and held-out sessions must have the same pool size")
+        self.client = client
+        self.validation = validation
+        self.held_out = held_out
+        self.evaluations = 0
+        self.cache_hits = 0
+        self._told_full = False
+
+    @property
+    def n_models(self) -> int:
+        """The pool size (entries of alpha and beta)."""
+        return self.validation.adapter_count
+
+    def _session(self, split: Split) -> ServiceSession:
+        if split is Split.VALIDATION:
+            return self.validation
+        if self.held_out is None:
+            raise ConfigError(
+                "the search asked for a held-out split but the objective has no held-out session: pass "
+                "held_out=..., or drop early stopping with attrs.evolve(config, early_stopping=None)"
+            )
+        return self.held_out
+
+    async def __call__(self, candidates: Sequence[Candidate], context: EvaluationContext) -> list[float]:
+        """Score every candidate on the context's split (and minibatch); losses in order."""
+        session = self._session(context.split)
+        examples = None
+        if context.batch_size is not None:
+            if session.minibatch and session.n_examples is not None:
+                examples = context.minibatch(session.n_examples)
+            elif not self._told_full:
+                self._told_full = True
+                _log.info(
+                    "minibatch_unavailable",
+                    detail="the service cannot score a subset of examples; every evaluation scores all",
+                    batch_size=context.batch_size,
+                )
+        losses = [math.nan] * len(candidates)
+        errors: list[tuple[int, Exception]] = []
+
+        async def one(i: int, candidate: Candidate, scope: anyio.CancelScope) -> None:
+            try:
+                ev = await self.client.evaluate(
+                    session, candidate.alpha, candidate.beta, examples=examples, tag=context.stage
+                )
+            except Exception as exc:  # collected: a task group would wrap it in an ExceptionGroup
+                errors.append((i, exc))
+                if not isinstance(exc, BudgetExceeded):
+                    scope.cancel()  # a final failure: the rest of the generation is moot
+                return
+            losses[i] = ev.loss
+            self.evaluations += 1
+            self.cache_hits += int(ev.cached)
+
+        async with anyio.create_task_group() as tg:
+            for i, candidate in enumerate(candidates):
+                tg.start_soon(one, i, candidate, tg.cancel_scope)
+        if errors:
+            errors.sort(key=lambda e: (isinstance(e[1], BudgetExceeded), e[0]))
+            raise errors[0][1]
+        return losses
