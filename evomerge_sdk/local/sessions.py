@@ -177,11 +177,11 @@ def parse_vectors(body: Mapping[str, Any], n: int) -> tuple[FloatArray, FloatArr
     alpha, beta = out
     if np.any(alpha < 0.0) or np.any(alpha > 1.0):
         i = int(np.flatnonzero((alpha < 0.0) | (alpha > 1.0))[0])
-        raise _unprocessable(f"alpha entries are kept fractions in [0, 1]; alpha[{i}] = {alpha[i]!r}")
+        raise _unprocessable(f"alpha entries are kept fractions in [0, 1]; alpha[{i}] = {float(alpha[i])!r}")
     if np.any(np.abs(beta) > MAX_ABS_BETA):
         i = int(np.flatnonzero(np.abs(beta) > MAX_ABS_BETA)[0])
         raise _unprocessable(
-            f"beta entries must lie in [-{MAX_ABS_BETA:g}, {MAX_ABS_BETA:g}]; beta[{i}] = {beta[i]!r}"
+            f"beta entries must lie in [-{MAX_ABS_BETA:g}, {MAX_ABS_BETA:g}]; beta[{i}] = {float(beta[i])!r}"
         )
     return alpha, beta
 

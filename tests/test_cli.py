@@ -1,0 +1,87 @@
+"""The `evomerge` command line: serve-local as a real process, argument and setup errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+import structlog
+
+from evomerge_sdk import cli
+from evomerge_sdk.service import MergeServiceClient
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+def test_serve_local_runs_until_sigterm(tmp_path: Path) -> None:
+    env = {**os.environ, "EVOMERGE_CACHE_DIR": str(tmp_path), "EVOMERGE_API_KEY": "sk-cli-secret-42"}
+    command = [sys.executable, "-m", "evomerge_sdk.cli", "serve-local", "--small", "--port", "0"]
+    command += ["--pool-sizes", "5", "--rpm", "6000", "--output-dir", str(tmp_path / "merged")]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        assert info["url"].startswith("http://127.0.0.1:") and info["auth"] is True
+
+        async def use() -> tuple[int, float]:
+            async with MergeServiceClient(info["url"], api_key="sk-cli-secret-42") as client:
+                presets = await client.presets()
+                session = await client.create_session("ood:ner/news/pool-5")
+                ev = await client.evaluate(session, [1.0] * 5, [0.2] * 5)
+                return len(presets), ev.loss
+
+        count, loss = anyio.run(use)
+        assert count == 5 and loss > 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.stderr is not None
+    assert "sk-cli-secret-42" not in proc.stderr.read()
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--pool-size", "0"])
+    assert exit_info.value.code == 2
+    assert "--pool-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([])
+    assert cli.main(["serve-local", "--host", "0.0.0.0"]) == 2
+    assert "needs an api_key" in capsys.readouterr().err
+
+
+def test_help_lists_the_commands_and_demo_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "demo" in out and "serve-local" in out
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--quick", "--seed", "--pool-size", "--target", "--budget", "--out"):
+        assert flag in out
+
+
+def test_demo_without_the_cli_extra_names_the_install_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "rich" else real(name))
+    assert cli.main(["demo", "--quick"]) == 2
+    assert "pip install 'evomerge-sdk[cli]'" in capsys.readouterr().err

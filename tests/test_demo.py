@@ -1,0 +1,90 @@
+"""`evomerge demo --quick` end to end: the table, result.json and convergence.png, and the same seed gives
+the same result (the CLI run and a library run are compared field by field, timings aside)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from evomerge_sdk.cli import main
+from evomerge_sdk.demo import EVO, DemoConfig, document_without_timing, format_table, load_result, run_demo
+from evomerge_sdk.errors import ConfigError
+
+ROWS = [EVO, "best single adapter", "uniform", "Task Arithmetic", "TIES", "DARE", "LoRAHub-style"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh repository cache, as in CI: the first run builds the repository, the second loads it."""
+    return tmp_path_factory.mktemp("repository-cache")
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+@pytest.fixture(scope="module")
+def cli_run(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str, Path]]:
+    out = tmp_path_factory.mktemp("cli") / "evomerge-out"
+    saved = structlog.get_config()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EVOMERGE_CACHE_DIR", str(cache_dir))
+        import io
+        import sys
+
+        buffer = io.StringIO()
+        mp.setattr(sys, "stdout", buffer)
+        status = main(["demo", "--quick", "--out", str(out), "--no-progress"])
+    structlog.configure(**saved)
+    yield status, buffer.getvalue(), out
+
+
+def test_cli_quick_demo_writes_the_table_the_json_and_the_png(cli_run: tuple[int, str, Path]) -> None:
+    status, stdout, out = cli_run
+    assert status == 0
+    for row in ROWS:
+        assert row in stdout
+    assert "Evo-Merging beats every other row" in stdout or "does NOT beat" in stdout
+    result = load_result(out / "result.json")
+    assert [r["name"] for r in result["rows"]] == ROWS
+    assert result["seed"] == 0 and result["config"]["quick"] is True
+    assert result["target"]["kind"] == "ood" and result["target"]["specialist_in_pool"] is False
+    evo = result["rows"][0]
+    assert len(evo["alpha"]) == len(evo["beta"]) == len(result["pool"]) == 20
+    assert evo["queries"] > 0 and evo["tokens"] <= result["spend"]["budget_tokens_per_search"]
+    assert {r["name"] for r in result["rows"] if r["whitebox"]} == {"TIES", "DARE"}
+    png = (out / "convergence.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    assert (out / result["materialized"]).exists()
+
+
+def test_quick_demo_is_deterministic(cli_run: tuple[int, str, Path], cache_dir: Path, tmp_path: Path) -> None:
+    _, _, first_out = cli_run
+    second = run_demo(DemoConfig(quick=True, out_dir=tmp_path / "second", cache_dir=cache_dir))
+    first = load_result(first_out / "result.json")
+    written = json.loads((tmp_path / "second" / "result.json").read_text())
+    assert document_without_timing(written) == document_without_timing(first)
+    assert document_without_timing(dict(second.document)) == document_without_timing(first)
+    table = format_table(second.rows)
+    assert table.count("\n") == len(ROWS) + 1 and "LoRAHub-style" in table
+    # every service row's spend was counted by its own scheduler: the baselines are small and exact
+    rows: dict[str, Any] = {r["name"]: r for r in first["rows"]}
+    assert rows["uniform"]["queries"] == 1 and rows["best single adapter"]["queries"] == 20
+    assert rows["uniform"]["tokens"] * 20 == rows["best single adapter"]["tokens"]
+
+
+def test_bad_demo_settings_fail_clearly(cache_dir: Path, tmp_path: Path, restore_logging: None) -> None:
+    with pytest.raises(ConfigError, match="unknown preset"):
+        DemoConfig(preset="nope")
+    with pytest.raises(ConfigError, match="pool_size"):
+        DemoConfig(pool_size=0)
+    with pytest.raises(ConfigError, match="unknown target"):
+        run_demo(DemoConfig(quick=True, target="ood:none/such", out_dir=tmp_path, cache_dir=cache_dir))
