@@ -85,3 +85,22 @@ def test_demo_without_the_cli_extra_names_the_install_command(
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "rich" else real(name))
     assert cli.main(["demo", "--quick"]) == 2
     assert "pip install 'evomerge-sdk[cli]'" in capsys.readouterr().err
+
+
+def test_live_progress_shows_generation_best_loss_and_spend() -> None:
+    import io
+
+    import numpy as np
+    from rich.console import Console
+
+    from evomerge_sdk.engine import Progress
+
+    buffer = io.StringIO()
+    reporter = cli._RichReporter(Console(file=buffer, force_terminal=True, width=140))
+    progress = Progress("scale", 7, 2, 140, 40, 1.2345, 1.3, 1.25, None, np.zeros(3), 0.1)
+    reporter.phase("Evo-Merging: two-stage search")
+    reporter.search("Evo-Merging", progress, 504_000, 8_000_000)
+    reporter.close()
+    shown = buffer.getvalue()
+    for text in ("Evo-Merging: scale, gen 7, best loss 1.2345", "504,000 / 8,000,000 tokens", "two-stage"):
+        assert text in shown

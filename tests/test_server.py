@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,13 @@ import aiohttp
 import anyio
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from evomerge_sdk.local.faults import ServerLimits
 from evomerge_sdk.local.repository import Repository, RepositoryConfig, build_repository
 from evomerge_sdk.local.server import LocalService
-from evomerge_sdk.local.sessions import EXTENSIONS, preset_id
+from evomerge_sdk.local.sessions import EXTENSIONS, MAX_ABS_BETA, RequestError, parse_vectors, preset_id
 
 
 @pytest.fixture(scope="module")
@@ -468,3 +471,26 @@ def test_non_loopback_needs_a_key(repo: Repository) -> None:
         LocalService(repo, host="0.0.0.0")
     with pytest.raises(ConfigError, match="max_sessions"):
         LocalService(repo, max_sessions=0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.floats(allow_nan=True), st.integers(-3, 3), st.booleans(), st.text(max_size=2)),
+        max_size=6,
+    ),
+    st.lists(st.floats(-2000, 2000), min_size=5, max_size=5),
+)
+def test_vectors_are_accepted_exactly_when_valid(alpha: list[Any], beta: list[float]) -> None:
+    valid = (
+        len(alpha) == 5
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in alpha)
+        and all(math.isfinite(x) and 0 <= x <= 1 for x in alpha)
+        and all(abs(b) <= MAX_ABS_BETA for b in beta)
+    )
+    try:
+        a, b = parse_vectors({"alpha": alpha, "beta": beta}, 5)
+    except RequestError as exc:
+        assert not valid and exc.status == 422
+    else:
+        assert valid and a.tolist() == [float(x) for x in alpha] and b.tolist() == beta

@@ -13,7 +13,7 @@ import pytest
 
 from evomerge_sdk.engine import DEFAULT, Candidate, EvaluationContext, EvoMerge, Split, StopReason
 from evomerge_sdk.errors import AuthenticationError, BudgetExceeded, ConfigError, InvalidRequest
-from evomerge_sdk.local.faults import FaultConfig
+from evomerge_sdk.local.faults import FaultConfig, ServerLimits
 from evomerge_sdk.local.repository import Repository, RepositoryConfig, build_repository
 from evomerge_sdk.local.server import LocalService
 from evomerge_sdk.local.sessions import preset_id
@@ -231,3 +231,19 @@ def test_objective_needs_a_held_out_session_for_early_stopping(repo: Repository)
                 await objective(candidates(5, 1, 0), EvaluationContext(Split.HELD_OUT, "t", 0, 0))
 
     anyio.run(run)
+
+
+@pytest.mark.anyio
+async def test_server_tpm_limit_is_honoured_without_paying_twice(repo: Repository) -> None:
+    cands = candidates(5, 16, 6)
+    context = EvaluationContext(Split.VALIDATION, "t", 0, 0)
+    limits = ServerLimits(tpm=60 * 720 * 40, burst_seconds=0.05)  # 40 evaluations a second
+    async with (
+        LocalService(repo, pool_sizes=(5,), limits=limits) as svc,
+        Scheduler(retry=RetryPolicy(max_attempts=30)) as scheduler,
+        MergeServiceClient(svc.url, scheduler=scheduler) as client,
+    ):
+        losses = await ServiceObjective(client, await client.create_session(PRESET))(cands, context)
+        assert svc.stats.served_requests == len(cands)  # a 429 is refused before any work
+        assert scheduler.metrics().rate_limited == svc.stats.rate_limited
+    assert losses == await InProcess(repo, svc.catalog.presets[PRESET].adapters)(cands, context)  # type: ignore[union-attr]
