@@ -155,7 +155,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     _require_cli_extra("rich", "matplotlib")
     from rich.console import Console
 
-    from .demo import DemoConfig, PlainReporter, Reporter, run_demo
+    from .demo import DemoConfig, PlainReporter, Reporter, run_demo, verdict
 
     config = DemoConfig(
         seed=args.seed,
@@ -182,8 +182,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     finally:
         reporter.close()
     _print_table(console, result)
-    verdict = "beats" if result.evo_wins else "does NOT beat"
-    console.print(f"Evo-Merging {verdict} every other row on test accuracy.")
+    console.print(verdict(result.rows))
     where = [str(result.result_path)] + ([str(result.plot_path)] if result.plot_path else [])
     console.print("Wrote " + " and ".join(where))
     return 0

@@ -58,6 +58,7 @@ __all__ = [
     "quick_search_config",
     "run_demo",
     "run_demo_async",
+    "verdict",
     "write_plot",
 ]
 
@@ -534,6 +535,19 @@ def _document(
 
 
 # -- output ----------------------------------------------------------------------------------------
+def verdict(rows: Sequence[DemoRow]) -> str:
+    """How Evo-Merging fares against the best other row, on test accuracy and on test macro-F1."""
+    evo = next(r for r in rows if r.name == EVO)
+    others = [r for r in rows if r.name != EVO]
+    parts = []
+    for metric, label in (("test_accuracy", "test accuracy"), ("test_macro_f1", "test macro-F1")):
+        rival = max(others, key=lambda r: float(getattr(r, metric)))
+        mine, theirs = 100 * float(getattr(evo, metric)), 100 * float(getattr(rival, metric))
+        word = "beats every other row" if mine > theirs else "does NOT beat every other row"
+        parts.append(f"{word} on {label} ({mine:.1f} vs {theirs:.1f}, {rival.name})")
+    return f"{EVO} " + "; it ".join(parts) + "."
+
+
 def format_table(rows: Sequence[DemoRow]) -> str:
     """The comparison as a plain-text (Markdown) table."""
     lines = [
