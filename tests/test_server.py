@@ -259,6 +259,7 @@ async def test_unreadable_bodies_routes_and_methods(
     assert status == 400 and "not valid JSON" in answer["error"]["message"]
     status, _, answer = await call(http, "GET", f"{service.url}/v1/nothing")
     assert status == 404 and answer["error"]["type"] == "not_found_error"
+    assert "'/v1/nothing'" in answer["error"]["message"]
     status, _, answer = await call(http, "GET", f"{service.url}/v1/sessions")
     assert status == 405 and "error" in answer
 
@@ -462,6 +463,13 @@ async def test_concurrent_requests_get_the_same_answers_as_sequential_ones(
         for i in range(len(bodies)):
             tg.start_soon(one, i)
     assert concurrent == sequential
+
+
+@pytest.mark.anyio
+async def test_presets_skip_pool_sizes_the_repository_cannot_fill(repo: Repository) -> None:
+    async with LocalService(repo) as svc:  # sizes 5, 20, 100 on a 16-adapter repository
+        assert svc.catalog is not None
+        assert sorted(svc.catalog.presets) == sorted([preset_id(t.name, 5) for t in repo.targets()] + ["hub"])
 
 
 def test_non_loopback_needs_a_key(repo: Repository) -> None:

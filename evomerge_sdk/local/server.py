@@ -115,15 +115,15 @@ def _json(data: Any, status: int = 200) -> web.Response:
     )
 
 
-def _http_error(exc: web.HTTPException, max_body: int) -> web.Response:
+def _http_error(exc: web.HTTPException, max_body: int, path: str) -> web.Response:
     if exc.status == 413:
         return _error(
             413, f"the request body exceeds this service's limit of {max_body} bytes", "request_too_large"
         )
     if exc.status == 404:
-        return _error(404, f"no route {exc.reason!r}: see GET /health and GET /v1/presets", "not_found_error")
+        return _error(404, f"no route {path!r}: see GET /health and GET /v1/presets", "not_found_error")
     kind = "method_not_allowed" if exc.status == 405 else "http_error"
-    return _error(exc.status, exc.reason or "request refused", kind)
+    return _error(exc.status, f"{exc.reason or 'request refused'}: {path}", kind)
 
 
 @attrs.define
@@ -282,7 +282,7 @@ class LocalService:
             except RequestError as exc:
                 return _error(exc.status, exc.message, exc.kind, exc.headers)
             except web.HTTPException as exc:
-                return _http_error(exc, self.max_body_bytes)
+                return _http_error(exc, self.max_body_bytes, request.path)
 
         return run
 
@@ -302,7 +302,7 @@ class LocalService:
         try:
             return await handler(request)
         except web.HTTPException as exc:
-            return _http_error(exc, self.max_body_bytes)
+            return _http_error(exc, self.max_body_bytes, request.path)
         except RequestError as exc:
             return _error(exc.status, exc.message, exc.kind)
 

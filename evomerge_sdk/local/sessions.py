@@ -290,7 +290,8 @@ class Catalog:
     """The presets a repository offers and the mergers and models behind them (built on first use).
 
     Presets: `"<target>/pool-<size>"` (the repository's stratified pool of that size for the target,
-    drawn with `pool_seed`) for every target and size, and `"hub"` (every adapter, every target's data).
+    drawn with `pool_seed`) for every target and every size the repository can fill, and `"hub"`
+    (every adapter, every target's data).
     """
 
     def __init__(
@@ -299,8 +300,11 @@ class Catalog:
         self.repository = repository
         self.revision = repository.config.key()[:16]
         presets: dict[str, Preset] = {}
+        limit = len(repository.adapter_names) - 1  # an out-of-domain target's specialist stays out
         for target in repository.targets():
             for size in sorted(set(pool_sizes)):
+                if size > limit:
+                    continue  # a pool this size does not exist here (the hub preset holds everything)
                 names = repository.pool(target, size, pool_seed)
                 pid = preset_id(target.name, size)
                 presets[pid] = Preset(pid, tuple(names), (target,), pool_seed)
