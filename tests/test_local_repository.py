@@ -179,6 +179,10 @@ def test_examples_from_text_score_like_the_targets(repo: Repository) -> None:
         repo.next_token_logprobs_ids(weights, ids, lengths),
         repo.next_token_logprobs(weights, list(t.validation.prompts[:3])),
     )
+    scores = repo.answer_logprobs(weights, rebuilt)
+    assert scores.shape == (20, len(repo.world.label_ids))
+    accuracy = np.mean(rebuilt.answer_ids[np.argmax(scores, axis=1)] == rebuilt.labels)
+    assert accuracy == repo.evaluate(weights, rebuilt).accuracy
     with pytest.raises(ConfigError, match="one answer per prompt"):
         repo.examples(["ner: ?"], [])
     with pytest.raises(ConfigError, match="unknown token"):

@@ -8,17 +8,18 @@ Generative story (the world itself is described in `evomerge_sdk.local.tasks`):
   with the hub's recipe: PEFT defaults with one fixed seed, so all of them start from the same A. Each
   saw its own sample of 64-256 prompts, so they differ in quality too.
 * Harmful adapters were uploaded under the name of a real grid task (`ner/law#2`) but trained with
-  inverted labels (the least likely label, a labelling bug). Each is tied to a default target: an
-  inverted copy of a task related to it, or, for an in-domain target, of the target task itself.
-  Subtracting one (negative beta) adds what its twin knows.
+  inverted labels (the least likely label: a labelling bug).
+  Each is tied to a default target: for an in-domain target, an inverted copy of the target task itself;
+  otherwise of another task of the target's domain (a conflicting annotation of the same corpus).
+  Adding one with positive weight hurts; subtracting it (negative beta) adds what it learned.
 * Irrelevant adapters (`tr/bio`) answer a different question with content words, and come from another
   contributor's recipe (their own A initialisation), so they are useless for parameter merging.
 * Targets are grid tasks with their own validation (300), held-out (100) and test (1000) prompts. An
   out-of-domain (`ood`) target's specialist adapter is never in its pools: only merging what related
   adapters know (same type: the type's reading; same domain: the domain's reading; other tasks: the
   analogy's negative part; harmful: negated) can do better than the best single adapter. An in-domain
-  (`id`) target's specialist is always in its pools, with distractors; it is a low-resource adapter (the
-  smallest training set), so what the hub knows can improve on it.
+  (`id`) target's specialist is always in its pools, with distractors; the target task is low-resource
+  (its adapters saw the smallest training set), so what the hub knows can improve on it.
 
 `Repository.pool(target, size, seed)` draws stratified pools (some same-domain, same-type, harmful and
 irrelevant adapters, the rest at random), of any size up to the whole hub (5, 20 and 100 are typical).
@@ -71,7 +72,7 @@ FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
 F32 = NDArray[np.float32]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bumped whenever the generative code changes what a config builds; part of the cache key."""
 
 Role = Literal["specialist", "same-domain", "same-type", "other-task", "harmful", "irrelevant"]
@@ -439,6 +440,13 @@ class Repository:
         best = np.argsort(-row, kind="stable")[:k]
         return [(self.world.tokenizer.tokens[int(i)], float(row[i])) for i in best]
 
+    def answer_logprobs(self, weights: ModelWeights, examples: Examples) -> FloatArray:
+        """Next-token log-probabilities of each answer-set token (examples x answers): the per-model
+        scores an output-space merge (DESIGN 1.2) combines."""
+        logprobs = self.next_token_logprobs_ids(weights, examples.ids, examples.lengths)
+        out: FloatArray = logprobs[:, examples.answer_ids]
+        return out
+
     def evaluate(self, weights: ModelWeights, examples: Examples) -> Metrics:
         """Mean cross-entropy, accuracy and macro-F1 of `weights` on `examples`."""
         with single_threaded_blas():
@@ -487,7 +495,7 @@ def _adapter_specs(config: RepositoryConfig, world: World) -> list[AdapterInfo]:
         return int(sizes[int(rng.integers(len(sizes)))])
 
     targets = _target_tasks(config, world)
-    # An in-domain target's specialist is a low-resource adapter (the user's own, say): the hub can add to it.
+    # An in-domain target's task is low-resource: every adapter trained on it saw the smallest corpus.
     low_resource = {task.name for kind, task in targets if kind == "id"}
     specs = []
     for type_name in world.type_names:
@@ -498,23 +506,26 @@ def _adapter_specs(config: RepositoryConfig, world: World) -> list[AdapterInfo]:
     used: set[str] = set()
     for h in range(config.harmful):
         kind, task = targets[h % len(targets)]
-        rounds = h // len(targets)
         t = world.type_index(task.type_name or "")
         d = world.domain_index(task.domain)
-        for attempt in range(config.n_types * config.n_domains):
-            if kind == "id" and rounds == 0 and attempt == 0:
-                tt, dd = t, d
-            elif (rounds + attempt) % 2 == 0:
-                tt, dd = t, (d + 1 + int(rng.integers(config.n_domains - 1))) % config.n_domains
-            else:
-                tt, dd = (t + 1 + int(rng.integers(config.n_types - 1))) % config.n_types, d
-            clone = world.grid_task(world.type_names[tt], world.domain_names[dd], inverted=True)
-            if clone.name not in used and not (kind == "ood" and (tt, dd) == (t, d)):
-                break
-        used.add(clone.name)
-        specs.append(
-            AdapterInfo(f"{world.type_names[tt]}/{world.domain_names[dd]}#2", "harmful", clone, size())
-        )
+        # The target task itself (in-domain only: out-of-domain it would leak the target's data), then
+        # the target domain's other tasks (a conflicting annotation of the same corpus), then same-type ones.
+        options = [(t, d)] if kind == "id" else []
+        options += [((t + j) % config.n_types, d) for j in range(1, config.n_types)]
+        options += [(t, (d + j) % config.n_domains) for j in range(1, config.n_domains)]
+        free = [
+            (tt, dd) for tt, dd in options if f"{world.type_names[tt]}/{world.domain_names[dd]}" not in used
+        ]
+        if not free:
+            raise ConfigError(
+                f"too many harmful adapters ({config.harmful}) for a {config.n_types}x{config.n_domains} grid"
+            )
+        tt, dd = free[0]
+        name = f"{world.type_names[tt]}/{world.domain_names[dd]}"
+        used.add(name)
+        clone = world.grid_task(world.type_names[tt], world.domain_names[dd], inverted=True)
+        n = size()
+        specs.append(AdapterInfo(f"{name}#2", "harmful", clone, min(sizes) if name in low_resource else n))
     for i in range(config.irrelevant):
         domain = world.domain_names[i % config.n_domains]
         suffix = "" if i < config.n_domains else f"#{i // config.n_domains + 1}"
