@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -35,7 +36,7 @@ from .objectives import MEAN_REFERENCE, AnswerSet, ScoringConfig, log_softmax, s
 from .providers import Completion, Message, Provider, TokenLogprob, Usage
 from .scheduler import Scheduler
 
-__all__ = ["MERGED_FORMAT", "MergedModel", "MergedSpec", "load_spec", "save_spec"]
+__all__ = ["MERGED_FORMAT", "MergedModel", "MergedSpec", "load_spec", "open_merged", "save_spec"]
 
 MERGED_FORMAT = "evomerge-sdk/merged-model"
 _DEMO_FORMAT = "evomerge-sdk/demo-result"
@@ -336,3 +337,61 @@ def save_spec(spec: MergedSpec, path: str | Path) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(spec.to_dict(), allow_nan=False, indent=2), encoding="utf-8")
     return p
+
+
+@asynccontextmanager
+async def open_merged(
+    spec: MergedSpec,
+    *,
+    base_url: str | None = None,
+    upstream_api_key: str | None = None,
+    scheduler: Scheduler | None = None,
+) -> AsyncIterator[MergedModel]:
+    """A ready `MergedModel` for `spec`: the models are reached at `base_url` (an OpenAI-compatible
+    `/v1` URL in output mode, a merge service in provider mode) or, when the spec came from the
+    embedded repository and no URL is given, on an embedded service started here for the block."""
+    async with AsyncExitStack() as stack:
+        url = base_url
+        if url is None:
+            if spec.source.get("kind") != "embedded":
+                raise ConfigError(
+                    "this merged model's models live on a server of their own: pass base_url "
+                    f"(its source is {dict(spec.source)})"
+                )
+            url = await stack.enter_async_context(_embedded_service(spec.source))
+            url = url + "/v1" if spec.mode == "output" else url
+        if spec.mode == "output":
+            from .providers import load_provider
+
+            provider = load_provider("openai", base_url=url, api_key=upstream_api_key)
+            stack.push_async_callback(provider.aclose)
+            model = MergedModel(spec, provider=provider, scheduler=scheduler)
+        else:
+            from .service import MergeServiceClient
+
+            client = await stack.enter_async_context(
+                MergeServiceClient(url, api_key=upstream_api_key, scheduler=scheduler)
+            )
+            model = MergedModel(spec, client=client)
+        yield await stack.enter_async_context(model)
+
+
+@asynccontextmanager
+async def _embedded_service(source: Mapping[str, Any]) -> AsyncIterator[str]:
+    """The embedded service a spec's models came from (same repository and pool), on a free port."""
+    from .local.repository import RepositoryConfig
+    from .local.server import LocalService
+
+    try:
+        seed = int(source.get("repository_seed", 0))
+        config = (
+            RepositoryConfig.small(seed) if source.get("small_repository") else RepositoryConfig(seed=seed)
+        )
+        pool_size = int(source["pool_size"])
+        pool_seed = int(source.get("pool_seed", 0))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"the merged model's embedded source is incomplete: {exc}") from exc
+    async with LocalService(
+        repository_config=config, pool_sizes=(pool_size,), pool_seed=pool_seed
+    ) as service:
+        yield service.url

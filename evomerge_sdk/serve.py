@@ -1,0 +1,275 @@
+"""A merged model as an OpenAI-compatible endpoint: `POST /v1/chat/completions`, `GET /v1/models`.
+
+    async with MergedModelServer(merged, port=0) as server:     # 127.0.0.1 by default
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused")
+
+Answers have the shape of OpenAI's chat completions (`id`, `object`, `created`, `model`, `choices`,
+`usage`); `usage` sums the tokens of every upstream query the merged answer needed (so it is what the
+answer cost). `logprobs`/`top_logprobs` are honoured when the merged model has them (output mode: the
+merged log-probabilities over the answer set). Not served: streaming, `n > 1`, tools.
+
+Safety: loopback by default (another host needs `api_key`); with `api_key`, every `/v1/` request needs
+`Authorization: Bearer <key>` (compared in constant time); bodies over `max_body_bytes` get 413. Errors
+are JSON in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from .errors import BudgetExceeded, ConfigError, EvomergeError, ProviderError
+from .merged import MergedModel
+from .providers import Completion, Message, Role
+
+__all__ = ["MergedModelServer", "serve_merged"]
+
+_log = structlog.get_logger("evomerge_sdk.serve")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": kind}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _messages(value: Any) -> tuple[Message, ...]:
+    if not isinstance(value, list) or not value:
+        raise _Refused(400, "messages must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
+            raise _Refused(400, f"messages[{i}] needs a role of system, developer, user or assistant")
+        content = m.get("content")
+        if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+            parts = [p.get("text") for p in content if p.get("type") == "text"]
+            if parts and all(isinstance(p, str) for p in parts):
+                content = " ".join(str(p) for p in parts)
+        if not isinstance(content, str):
+            raise _Refused(400, f"messages[{i}].content must be a string or a list of text parts")
+        role: Role = "user" if m["role"] == "user" else "assistant" if m["role"] == "assistant" else "system"
+        out.append(Message(role, content))
+    if not any(m.role == "user" for m in out):
+        raise _Refused(400, "messages must include a user message")
+    return tuple(out)
+
+
+def _positive(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _Refused(400, f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class MergedModelServer:
+    """Serves one `MergedModel` on an OpenAI-compatible route (see the module doc); `async with` it."""
+
+    def __init__(
+        self,
+        model: MergedModel,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str | None = None,
+        max_body_bytes: int = 1 << 20,
+        model_name: str | None = None,
+    ) -> None:
+        if api_key is not None and (not isinstance(api_key, str) or not api_key):
+            raise ConfigError("api_key must be a non-empty string or None")
+        if not _is_loopback(host) and api_key is None:
+            raise ConfigError(f"listening on {host!r} (not loopback) needs an api_key")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ConfigError(f"port must be an integer in [0, 65535], got {port!r}")
+        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1024:
+            raise ConfigError(f"max_body_bytes must be an integer >= 1024, got {max_body_bytes!r}")
+        self.model = model
+        self.host, self.port = host, port
+        self.model_name = model_name or model.name
+        self.max_body_bytes = max_body_bytes
+        self._api_key = api_key.encode() if api_key else None
+        self._runner: web.AppRunner | None = None
+        self.requests = 0
+
+    def __repr__(self) -> str:  # never the key
+        auth = self._api_key is not None
+        return f"MergedModelServer(url={self.url!r}, model={self.model_name!r}, auth={auth})"
+
+    @property
+    def url(self) -> str:
+        """Base URL (the OpenAI base_url is this plus /v1)."""
+        return f"http://{self.host}:{self.port}"
+
+    async def __aenter__(self) -> MergedModelServer:
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._front])
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self.port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+        _log.info("merged_model_served", url=self.url, model=self.model_name)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @web.middleware
+    async def _front(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Bearer auth on /v1/, then every refusal as an OpenAI-shaped JSON error."""
+        if self._api_key is not None and request.path.startswith("/v1/"):
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._api_key):
+                return _error(
+                    401,
+                    "missing or invalid bearer token (send 'Authorization: Bearer <key>')",
+                    "authentication_error",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+        try:
+            return await handler(request)
+        except _Refused as exc:
+            return _error(exc.status, exc.message, exc.kind)
+        except web.HTTPException as exc:
+            if exc.status == 413:
+                return _error(413, f"the body exceeds {self.max_body_bytes} bytes", "request_too_large")
+            kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+            return _error(exc.status, f"{exc.reason}: {request.method} {request.path}", kind)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "model": self.model_name, "mode": self.model.spec.mode})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        entry = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "evomerge-sdk"}
+        return web.json_response({"object": "list", "data": [entry]})
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _Refused(400, f"the body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise _Refused(400, "the body must be a JSON object")
+        model = body.get("model")
+        if model != self.model_name:
+            raise _Refused(404, f"The model {model!r} does not exist: this server serves {self.model_name!r}",
+                           "model_not_found")  # fmt: skip
+        if body.get("stream"):
+            raise _Refused(400, "stream=true is not supported: this server returns whole completions")
+        if body.get("n", 1) != 1:
+            raise _Refused(400, "n must be 1")
+        messages = _messages(body.get("messages"))
+        max_tokens = _positive(body, "max_completion_tokens") or _positive(body, "max_tokens") or 1
+        logprobs = body.get("logprobs", False)
+        if not isinstance(logprobs, bool):
+            raise _Refused(400, "logprobs must be true or false")
+        top = body.get("top_logprobs")
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+            raise _Refused(400, "top_logprobs must be an integer in [0, 20]")
+        if top and not logprobs:
+            raise _Refused(400, "top_logprobs needs logprobs=true")
+        try:
+            completion = await self.model.complete(messages, max_tokens=max_tokens)
+        except BudgetExceeded as exc:
+            raise _Refused(429, f"the merged model's budget is spent: {exc}", "insufficient_quota") from None
+        except ProviderError as exc:
+            raise _Refused(502, f"an upstream model failed: {exc}", "upstream_error") from None
+        except (ConfigError, EvomergeError) as exc:
+            raise _Refused(400, str(exc)) from None
+        self.requests += 1
+        return web.json_response(self._answer(completion, logprobs, top or 0))
+
+    def _answer(self, completion: Completion, logprobs: bool, top: int) -> dict[str, Any]:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": completion.text, "refusal": None},
+            "finish_reason": completion.finish_reason or "stop",
+            "logprobs": None,
+        }
+        if logprobs and completion.logprobs:
+            choice["logprobs"] = {
+                "content": [
+                    {
+                        "token": t.token,
+                        "logprob": t.logprob,
+                        "bytes": list(t.token.encode()),
+                        "top_logprobs": [
+                            {"token": a, "logprob": lp, "bytes": list(a.encode())} for a, lp in t.top[:top]
+                        ],
+                    }
+                    for t in completion.logprobs
+                ],
+                "refusal": None,
+            }
+        u = completion.usage
+        return {
+            "id": "chatcmpl-" + secrets.token_hex(12),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "system_fingerprint": f"evomerge-{self.model.spec.mode}",
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": u.input_tokens,
+                "completion_tokens": u.output_tokens,
+                "total_tokens": u.input_tokens + u.output_tokens,
+                "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+            },
+        }
+
+
+async def serve_merged(
+    server: MergedModelServer, *, announce: Callable[[dict[str, Any]], None] | None = None
+) -> None:
+    """Run `server` until SIGINT/SIGTERM; `announce` receives {"url", "base_url", "model"} once it listens."""
+    async with server:
+        if announce is not None:
+            announce({"url": server.url, "base_url": f"{server.url}/v1", "model": server.model_name})
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if sys.platform != "win32":
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            if sys.platform != "win32":
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
