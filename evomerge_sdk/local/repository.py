@@ -72,7 +72,7 @@ FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
 F32 = NDArray[np.float32]
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """Bumped whenever the generative code changes what a config builds; part of the cache key."""
 
 Role = Literal["specialist", "same-domain", "same-type", "other-task", "harmful", "irrelevant"]
@@ -572,10 +572,12 @@ def _train(config: RepositoryConfig, world: World, specs: Sequence[AdapterInfo])
     )
     n_max = max(config.train_sizes)
     data_rng = _stream(config, 6)
-    samples = [world.sample(spec.task, n_max, data_rng) for spec in specs]
+    samples = [world.sample_arrays(spec.task, n_max, data_rng) for spec in specs]
     batch = AdapterBatch(
-        embeddings=np.stack([bag_embeddings(base["embedding"], s.ids, s.lengths) for s in samples]),
-        targets=np.stack([s.labels for s in samples]),
+        embeddings=np.stack(
+            [bag_embeddings(base["embedding"], ids, lengths) for ids, lengths, _, _ in samples]
+        ),
+        targets=np.stack([labels for _, _, labels, _ in samples]),
         sizes=np.array([spec.train_examples for spec in specs], dtype=np.int64),
     )
     fans = [config.embed_dim, config.hidden_dim, config.hidden_dim]

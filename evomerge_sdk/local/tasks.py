@@ -171,12 +171,8 @@ class World:
     def _bags(self, rng: np.random.Generator, domains: IntArray) -> tuple[IntArray, IntArray, FloatArray]:
         """General and domain word indices per prompt, and the prompt's [phi_bar; psi_bar]."""
         n = domains.shape[0]
-        n_general = self.general_ids.shape[0]
-        n_lex = self.domain_ids.shape[1]
-        gen = np.argpartition(rng.random((n, n_general)), self.general_per_prompt - 1, axis=1)
-        gen = gen[:, : self.general_per_prompt]
-        dom = np.argpartition(rng.random((n, n_lex)), self.domain_per_prompt - 1, axis=1)
-        dom = dom[:, : self.domain_per_prompt]
+        gen = _distinct(rng, n, self.general_ids.shape[0], self.general_per_prompt)
+        dom = _distinct(rng, n, self.domain_ids.shape[1], self.domain_per_prompt)
         feats = np.concatenate(
             [self.general_features[gen].mean(1), self.domain_features[domains[:, None], dom].mean(1)], axis=1
         )
@@ -210,6 +206,14 @@ class World:
 
     def sample(self, task: Task, n: int, rng: np.random.Generator) -> Examples:
         """`n` labelled prompts of `task`, drawn with `rng`."""
+        ids, lengths, labels, answers = self.sample_arrays(task, n, rng)
+        prompts = tuple(self.tokenizer.decode(row[:k]) for row, k in zip(ids, lengths, strict=True))
+        return Examples(prompts, ids, lengths, labels, answers)
+
+    def sample_arrays(
+        self, task: Task, n: int, rng: np.random.Generator
+    ) -> tuple[IntArray, IntArray, IntArray, IntArray]:
+        """Like `sample` without the text: token ids, lengths, gold answer ids and the answer set."""
         if n < 1:
             raise ConfigError(f"need at least one example, got {n}")
         d = self.domain_index(task.domain)
@@ -223,14 +227,11 @@ class World:
         else:
             markers = np.full(n, self.type_marker_ids[self.type_index(task.type_name or "")], dtype=np.int64)
             sign = -1.0 if task.inverted else 1.0
-            z = sign * self.label_scores(task, feats) / self.temperature + rng.gumbel(
-                size=(n, self.label_ids.size)
-            )
-            labels = self.label_ids[np.argmax(z, axis=1)]
+            z = sign * self.label_scores(task, feats) / self.temperature
+            labels = self.label_ids[np.argmax(z + rng.gumbel(size=z.shape), axis=1)]
             answers = self.label_ids
         ids, lengths = self._assemble(rng, markers, gen, dom, domains)
-        prompts = tuple(self.tokenizer.decode(row[:k]) for row, k in zip(ids, lengths, strict=True))
-        return Examples(prompts, ids, lengths, labels.astype(np.int64), answers.astype(np.int64))
+        return ids, lengths, labels.astype(np.int64), answers.astype(np.int64)
 
     def sample_pretraining(
         self, n: int, rng: np.random.Generator, instruction_share: float = 0.6
@@ -249,6 +250,17 @@ class World:
         labels = self.label_ids[np.argmax(scores + rng.gumbel(size=scores.shape), axis=1)]
         lm = self.domain_ids[domains, rng.integers(0, self.domain_ids.shape[1], n)]
         return ids, lengths, np.where(instruct, labels, lm).astype(np.int64)
+
+
+def _distinct(rng: np.random.Generator, n: int, high: int, k: int) -> IntArray:
+    """n rows of k distinct integers from [0, high), each row uniform; rows with a repeat are redrawn."""
+    out = rng.integers(0, high, (n, k))
+    redo = np.arange(n)
+    while redo.size:
+        block = np.sort(out[redo], axis=1)
+        redo = redo[(block[:, 1:] == block[:, :-1]).any(axis=1)]
+        out[redo] = rng.integers(0, high, (redo.size, k))
+    return out
 
 
 def build_world(
