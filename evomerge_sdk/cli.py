@@ -2,6 +2,8 @@
 
     evomerge demo [--quick] [--seed N] [--pool-size N] [--target NAME] [--budget TOKENS] [--out DIR]
     evomerge serve-local [--port N] [--rpm N] [--tpm N] [--error-rate P] [--latency S] [--drop-rate P]
+    evomerge demo --mode output [--quick] [--reference base|mean] ...   (output-space merging, DESIGN 1.2)
+    evomerge serve RESULT.json [--host H] [--port N] [--api-key K] [--base-url URL]
 
 Subcommands live in `COMMANDS` (name -> (help, add_arguments, run)), so more can be added without touching
 `main`. `rich` and `matplotlib` (the `cli` extra) are imported only by the commands that draw.
@@ -79,6 +81,15 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-progress", action="store_true", help="plain progress lines instead of a live display"
     )
+    p.add_argument(
+        "--mode",
+        choices=("parameter", "output"),
+        default="parameter",
+        help="parameter: merge on the service (DESIGN 1.1, default); output: merge answer scores (1.2)",
+    )
+    p.add_argument(
+        "--reference", choices=("base", "mean"), default="base", help="output mode: reference model (base)"
+    )
 
 
 class _RichReporter:
@@ -152,6 +163,11 @@ def _print_table(console: Any, result: Any) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    if getattr(args, "mode", "parameter") == "output":
+        _require_cli_extra("rich")
+        from .demo_output import run_output_cli
+
+        return run_output_cli(args)
     _require_cli_extra("rich", "matplotlib")
     from rich.console import Console
 
@@ -252,12 +268,31 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve (a merged model) ------------------------------------------------------------------------
+def _serve_merged_arguments(p: argparse.ArgumentParser) -> None:
+    from .serve import add_cli_arguments
+
+    add_cli_arguments(p)
+
+
+def _run_serve_merged(args: argparse.Namespace) -> int:
+    from .serve import run_cli
+
+    return run_cli(args)
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
     "demo": (
         "Evo-Merging against its baselines on the embedded service: table, result.json, convergence.png",
         _demo_arguments,
         _run_demo,
+    ),
+    "serve": (
+        "serve a merged model (RESULT.json of `evomerge demo`, or a saved merged model) as an "
+        "OpenAI-compatible /v1/chat/completions endpoint",
+        _serve_merged_arguments,
+        _run_serve_merged,
     ),
     "serve-local": (
         "serve the embedded merge service (the protocol, chat completions, limits, faults)",

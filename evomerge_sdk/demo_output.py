@@ -445,3 +445,68 @@ def format_spend(spend: Sequence[SpendRow]) -> str:
     for s in spend:
         lines.append(f"| {s.phase} | {s.queries:,} | {s.cache_hits:,} | {s.tokens:,} |")
     return "\n".join(lines)
+
+
+def run_output_cli(args: Any) -> int:
+    """`evomerge demo --mode output`: run, then print the comparison, the spend table and the verdict."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .demo import PlainReporter
+
+    config = OutputDemoConfig(
+        seed=args.seed,
+        pool_size=args.pool_size,
+        target=args.target,
+        quick=args.quick,
+        out_dir=args.out,
+        repository_seed=args.repository_seed,
+        preset=args.preset,
+        reference=args.reference,
+        response_cache=args.cache,
+    )
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 100))
+    result = run_output_demo(config, PlainReporter(sys.stdout))
+    table = Table(
+        title=f"output space: {result.target}, pool of {len(result.pool)}, seed {config.seed}"
+        + (" (quick)" if config.quick else ""),
+        caption="Test metrics on held-out test prompts. Queries/tokens: the scoring pass a row needs.",
+        caption_justify="left",
+    )
+    table.add_column("method", no_wrap=True)
+    for header in ("test acc %", "test macro-F1 %", "val loss", "queries", "tokens"):
+        table.add_column(header, justify="right", no_wrap=True)
+    best = max(r.test_accuracy for r in result.rows)
+    for r in result.rows:
+        style = "bold green" if r.test_accuracy == best else ("bold" if r.name == EVO else None)
+        table.add_row(
+            r.name,
+            f"{100 * r.test_accuracy:.1f}",
+            f"{100 * r.test_macro_f1:.1f}",
+            f"{r.validation_loss:.4f}",
+            f"{r.queries:,}",
+            f"{r.tokens:,}",
+            style=style,
+        )
+    console.print(table)
+    spend = Table(title="spend by phase (measured by the scheduler)")
+    spend.add_column("phase", no_wrap=True)
+    for header in ("queries", "cache hits", "tokens"):
+        spend.add_column(header, justify="right", no_wrap=True)
+    for s in result.spend:
+        spend.add_row(s.phase, f"{s.queries:,}", f"{s.cache_hits:,}", f"{s.tokens:,}")
+    console.print(spend)
+    evo, single = result.row(EVO), result.row(BEST_SINGLE)
+    word = "beats" if evo.test_accuracy > single.test_accuracy else "does NOT beat"
+    console.print(
+        f"{EVO} (output space) {word} the best single adapter on test accuracy "
+        f"({100 * evo.test_accuracy:.1f} vs {100 * single.test_accuracy:.1f}); it reads "
+        f"{len(result.spec.active)} of {len(result.pool)} adapters; its search sent "
+        f"{result.spend[1].queries} queries."
+    )
+    console.print(f"Wrote {result.result_path} (serve it: evomerge serve {result.result_path})")
+    return 0

@@ -273,3 +273,52 @@ async def serve_merged(
             if sys.platform != "win32":
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
+
+
+def add_cli_arguments(p: Any) -> None:
+    """The arguments of `evomerge serve`."""
+    p.add_argument("result", help="result.json of `evomerge demo` (either mode) or a saved merged model")
+    p.add_argument("--host", default="127.0.0.1", help="address (non-loopback needs --api-key)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port; default 8000)")
+    p.add_argument("--api-key", default=None, help="require this bearer token (default: $EVOMERGE_API_KEY)")
+    p.add_argument(
+        "--base-url",
+        default=None,
+        help="where the models are (OpenAI-compatible /v1 URL, or the merge service); "
+        "default: start the embedded service when the result came from it",
+    )
+    p.add_argument("--upstream-api-key", default=None, help="API key for --base-url")
+    p.add_argument("--model-name", default=None, help="the model name clients ask for")
+
+
+def run_cli(args: Any) -> int:
+    """`evomerge serve RESULT.json`: serve until Ctrl-C; prints one JSON line with the URL on stdout."""
+    import os
+
+    import anyio
+
+    from .merged import load_spec, open_merged
+
+    spec = load_spec(args.result)
+    api_key = args.api_key or os.environ.get("EVOMERGE_API_KEY") or None
+
+    async def main() -> None:
+        async with open_merged(
+            spec, base_url=args.base_url, upstream_api_key=args.upstream_api_key
+        ) as merged:
+            server = MergedModelServer(
+                merged, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name
+            )
+
+            def announce(info: dict[str, Any]) -> None:
+                print(json.dumps(info), flush=True)
+                print(
+                    f"evomerge: serving {info['model']} ({spec.mode} mode) on {info['base_url']} "
+                    "(Ctrl-C stops)",
+                    file=sys.stderr,
+                )
+
+            await serve_merged(server, announce=announce)
+
+    anyio.run(main)
+    return 0
