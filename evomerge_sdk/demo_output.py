@@ -278,7 +278,7 @@ async def run_output_demo_async(
 
             def report(row: str) -> Callable[[Progress], None]:
                 def on_progress(progress: Progress) -> None:
-                    rep.search(row, progress, 0, 1)
+                    rep.search(row, progress, 0, 0)  # the search spends nothing
 
                 return on_progress
 

@@ -115,8 +115,10 @@ class AnswerSet:
         """Each option's log-probability from one position's listed tokens (see the module doc)."""
         if not listed:
             raise BadResponse("the completion lists no token log-probabilities")
-        values = np.array([lp for _, lp in listed], dtype=np.float64)
-        keys = [_normalise(t) for t, _ in listed]
+        # The chosen token usually appears among the alternatives too: count each listed token once.
+        unique = dict(listed)
+        values = np.array(list(unique.values()), dtype=np.float64)
+        keys = [_normalise(t) for t in unique]
         out = np.full(len(self.options), -np.inf)
         found = np.zeros(len(self.options), dtype=bool)
         for i, option in enumerate(self.options):
@@ -128,9 +130,7 @@ class AnswerSet:
                 found[i] = True
         missing = int((~found).sum())
         if missing:
-            # Distinct listed tokens only: a token may appear as the chosen one and among the alternatives.
-            unique = dict(zip(keys, values, strict=True))
-            listed_mass = min(float(np.exp(np.logaddexp.reduce(np.array(list(unique.values()))))), 1.0)
+            listed_mass = min(float(np.exp(np.logaddexp.reduce(values))), 1.0)
             rest = math.log(max(1.0 - listed_mass, 1e-12) / missing)
             out[~found] = min(float(values.min()), rest)
         return out
