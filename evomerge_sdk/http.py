@@ -41,6 +41,10 @@ Window = tuple[int | None, int | None, float | None]
 
 _Owner = TypeVar("_Owner", bound="SessionOwner")
 
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+"""Answers longer than this are refused (`BadResponse`) instead of read into memory whole: a chat or
+merge-service answer is kilobytes, so this only stops a broken or hostile server."""
+
 
 @attrs.frozen
 class HTTPAnswer:
@@ -90,6 +94,7 @@ class HTTPClient:
         self._owned = session is None
         self._closed = False
         self._secrets = tuple(s for s in secrets if s)
+        self.max_answer_bytes = MAX_ANSWER_BYTES
 
     def redact(self, text: str) -> str:
         """`text` with every secret replaced by '***'."""
@@ -136,6 +141,8 @@ class HTTPClient:
             raise ConfigError("stream=True is not supported: a provider returns whole completions")
         try:
             data = json.dumps(body, allow_nan=False, ensure_ascii=False).encode()
+        except UnicodeEncodeError as exc:
+            raise ConfigError(f"the request holds text that is not valid Unicode: {exc}") from exc
         except ValueError as exc:
             raise ConfigError(f"the request holds a non-finite number: {exc}") from exc
         if self._session is None:
@@ -150,7 +157,7 @@ class HTTPClient:
                 ssl=self._ssl,
                 allow_redirects=False,
             ) as resp:
-                status, resp_headers, raw = resp.status, resp.headers, await resp.read()
+                status, resp_headers, raw = resp.status, resp.headers, await self.read_capped(resp)
         except asyncio.TimeoutError as exc:
             # Checked first: aiohttp's timeout errors are also connection errors.
             raise self._transport_failure(
@@ -164,6 +171,22 @@ class HTTPClient:
         except UnicodeDecodeError as exc:
             raise BadResponse(f"{self.provider}: answer is not UTF-8 ({exc})", status=status) from exc
         return HTTPAnswer(status, resp_headers, text)
+
+    async def read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The whole answer body; `BadResponse` once it passes `max_answer_bytes` (never buffered whole)."""
+        limit = self.max_answer_bytes
+        if resp.content_length is not None and resp.content_length > limit:
+            raise self._too_long(resp.status, limit)
+        chunks, size = [], 0
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > limit:
+                raise self._too_long(resp.status, limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_long(self, status: int, limit: int) -> BadResponse:
+        return BadResponse(f"{self.provider}: answer is longer than {limit} bytes; refused", status=status)
 
     def _parse_json(self, answer: HTTPAnswer) -> Any:
         try:

@@ -156,7 +156,7 @@ class _Transport(HTTPClient):
                 ssl=self._ssl,
                 allow_redirects=False,
             ) as resp:
-                status, resp_headers, raw = resp.status, resp.headers, await resp.read()
+                status, resp_headers, raw = resp.status, resp.headers, await self.read_capped(resp)
         except asyncio.TimeoutError as exc:
             raise self._transport_failure(Timeout, f"no answer within {self.timeout:g} s", exc) from exc
         except aiohttp.ClientError as exc:
@@ -458,6 +458,8 @@ class MergeServiceClient:
 
         async def send() -> Outcome:
             data, limits = await self._post(url, body)
+            if "loss" not in data:  # null is "could not score"; absent is a broken answer, never a NaN
+                raise BadResponse("answer.loss is missing from the evaluate answer")
             loss = _number(data.get("loss"), "answer.loss", allow_null=True)
             value = {k: v for k, v in data.items() if k not in ("session_id", "tag", "usage")}
             value["loss"] = loss

@@ -182,6 +182,8 @@ class LocalService:
             check_number(name, value, integer=True)
         check_number("session_ttl", session_ttl, unit="seconds")
         check_number("port", port, integer=True, strict=False)
+        if port > 65535:
+            raise ConfigError(f"port must be in [0, 65535], got {port}")
         self.host, self.port = host, port
         self._repository = repository
         self._repository_config = repository_config
@@ -240,6 +242,9 @@ class LocalService:
         await runner.setup()
         try:
             await web.TCPSite(runner, self.host, self.port).start()
+        except OSError as exc:  # address in use, no such interface, ...: the user's setting, said plainly
+            await runner.cleanup()
+            raise ConfigError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
         except BaseException:
             await runner.cleanup()
             raise

@@ -531,8 +531,10 @@ def _outcome(raw: Any) -> Outcome:
         raise ConfigError(
             f"a call function must return an Outcome or (value, Usage), got {type(raw).__name__}"
         )
-    if not isinstance(out.usage, Usage) or not (
-        out.rate_limits is None or isinstance(out.rate_limits, RateLimitInfo)
+    if (
+        not isinstance(out.usage, Usage)
+        or _negative(out.usage)
+        or not (out.rate_limits is None or isinstance(out.rate_limits, RateLimitInfo))
     ):
         raise ConfigError(
             f"a call function returned a bad usage or rate_limits: {out.usage!r}, {out.rate_limits!r}"
@@ -540,9 +542,17 @@ def _outcome(raw: Any) -> Outcome:
     return out
 
 
+def _negative(usage: Usage) -> bool:
+    """Whether any count is not a non-negative integer: it would lower the spend and break the budget."""
+    counts = (usage.input_tokens, usage.output_tokens, usage.cached_tokens)
+    return any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts)
+
+
 def _chat_outcome(raw: Any) -> Outcome:
     if not isinstance(raw, Completion):
         raise BadResponse(f"a provider's complete() returned {type(raw).__name__}, not a Completion")
+    if not isinstance(raw.usage, Usage) or _negative(raw.usage):
+        raise BadResponse(f"the provider reported an impossible usage: {raw.usage!r}")
     return Outcome(_completion_to_json(raw), raw.usage, raw.rate_limits)
 
 
