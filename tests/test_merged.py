@@ -58,7 +58,7 @@ async def test_output_mode_queries_only_models_with_non_zero_alpha_and_beta() ->
             assert (completion.usage.input_tokens, completion.usage.output_tokens) == (6, 3)
             assert completion.logprobs is not None
             top = completion.logprobs[0].top
-            assert [t for t, _ in top][0] == completion.text
+            assert top[0][0] == completion.text
             assert sum(np.exp(lp) for _, lp in top) == pytest.approx(1.0)
             # with the pool mean as reference, the mean needs every pool model (and no base)
             async with MergedModel(_spec("mean"), provider=provider) as merged:
@@ -91,9 +91,7 @@ async def test_output_mode_answers_as_the_offline_merge_of_the_cached_scores(
     options = tuple(tokens[int(i)] for i in ex.answer_ids)
     data = LabelledExamples.of(list(ex.prompts), [tokens[int(i)] for i in ex.labels], options)
     alpha, beta = np.array([1.0, 0.3, 0.0, 0.8]), np.array([0.6, -0.4, 0.9, 0.5])
-    spec = MergedSpec(
-        mode="output", pool=pool, alpha=alpha, beta=beta, reference="base", answer_set=options
-    )
+    spec = MergedSpec(mode="output", pool=pool, alpha=alpha, beta=beta, reference="base", answer_set=options)
     provider = OpenAIProvider(base_url=f"{service.url}/v1")
     try:
         async with Scheduler() as scheduler:
