@@ -137,7 +137,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "retries": sum(r["retries"] for r in runs),
         "faults_injected": sum(r["faults_injected"] for r in runs),
         "loss": runs[-1]["loss"],
-        "evaluations_per_run": config.denoise.max_evaluations + config.scale.max_evaluations,  # type: ignore[union-attr]
+        "evaluations_per_run": runs[-1]["evaluations"],
         "runs": runs if not args.quick else None,
         "machine": f"{platform.machine()}, Python {platform.python_version()}, numpy {np.__version__}, "
         f"aiohttp {aiohttp.__version__}",
