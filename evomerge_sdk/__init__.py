@@ -60,12 +60,18 @@ _ENGINE = (
     "uniform_merge",
 )
 _SCHEDULER = ("Budget", "PriceTable", "RetryPolicy", "Scheduler")
+_SERVICE = ("MergeServiceClient", "ServiceObjective", "ServiceSession")
 _LAZY: dict[str, str] = {
     **dict.fromkeys(_ENGINE, ".engine"),
     **dict.fromkeys(_SCHEDULER, ".scheduler"),
+    **dict.fromkeys(_SERVICE, ".service"),
+    "LocalService": ".local.server",
+    "DemoConfig": ".demo",
+    "run_demo": ".demo",
 }
 
 if TYPE_CHECKING:
+    from .demo import DemoConfig, run_demo
     from .engine import (
         DEFAULT,
         PAPER,
@@ -87,7 +93,9 @@ if TYPE_CHECKING:
         task_arithmetic,
         uniform_merge,
     )
+    from .local.server import LocalService
     from .scheduler import Budget, PriceTable, RetryPolicy, Scheduler
+    from .service import MergeServiceClient, ServiceObjective, ServiceSession
 
 
 def __getattr__(name: str) -> Any:
@@ -115,11 +123,14 @@ __all__ = [
     "Completion",
     "ConfigError",
     "ConnectionFailed",
+    "DemoConfig",
     "EarlyStopping",
     "EvaluationContext",
     "EvoMerge",
     "EvomergeError",
     "InvalidRequest",
+    "LocalService",
+    "MergeServiceClient",
     "Message",
     "Objective",
     "PriceTable",
@@ -134,6 +145,8 @@ __all__ = [
     "SearchConfig",
     "SearchResult",
     "ServerError",
+    "ServiceObjective",
+    "ServiceSession",
     "Split",
     "StageConfig",
     "Timeout",
@@ -146,6 +159,7 @@ __all__ = [
     "lorahub",
     "preset",
     "random_search",
+    "run_demo",
     "task_arithmetic",
     "uniform_merge",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -30,4 +31,5 @@ def test_readme_python_examples_compile() -> None:
     blocks = re.findall(r"```python\n(.+?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
     assert blocks
     for block in blocks:
-        compile(block, "README.md", "exec")
+        # Snippets may await at top level, as in an async REPL (`python -m asyncio`).
+        compile(block, "README.md", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
