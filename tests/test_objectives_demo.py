@@ -1,0 +1,55 @@
+"""`evomerge demo --mode output` end to end on the small repository: the spend table shows the search sent
+no query after the scoring pass, result.json carries the merged model, and a re-run with a response
+cache sends nothing at all."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from evomerge_sdk.cli import build_parser
+from evomerge_sdk.demo import EVO
+from evomerge_sdk.demo_output import BEST_SINGLE, OutputDemoConfig, format_spend, run_output_demo
+from evomerge_sdk.errors import ConfigError
+from evomerge_sdk.merged import load_spec
+
+
+def test_output_demo_searches_on_cached_scores_and_writes_a_servable_result(tmp_path: Path) -> None:
+    config = OutputDemoConfig(
+        quick=True,
+        small_repository=True,
+        pool_size=6,
+        out_dir=tmp_path / "out",
+        response_cache=tmp_path / "cache.sqlite",
+    )
+    result = run_output_demo(config)
+    scoring, search, baselines, test = result.spend
+    assert scoring.queries == 7 * (60 + 20)  # 6 adapters + base, validation + held-out, one request each
+    assert search.queries == 0 and search.tokens == 0
+    assert baselines.queries == 0
+    assert test.queries == 7 * 100
+    assert result.evo.evaluations > 100
+    names = [r.name for r in result.rows]
+    assert names[0] == EVO and BEST_SINGLE in names
+    doc = json.loads(result.result_path.read_text())
+    assert doc["spend"][1]["queries"] == 0
+    spec = load_spec(result.result_path)
+    assert spec.mode == "output" and spec.reference == "base"
+    assert list(spec.alpha) == result.evo.alpha.tolist()
+    assert "| search (" in format_spend(result.spend)
+    # a re-run answers every request from the response cache: nothing is sent
+    again = run_output_demo(config)
+    assert sum(s.queries for s in again.spend) == 0
+    assert again.spend[0].cache_hits == scoring.queries
+    assert [r.test_accuracy for r in again.rows] == [r.test_accuracy for r in result.rows]
+
+
+def test_cli_has_the_output_mode_and_serve() -> None:
+    args = build_parser().parse_args(["demo", "--mode", "output", "--quick", "--reference", "mean"])
+    assert (args.mode, args.reference, args.quick) == ("output", "mean", True)
+    args = build_parser().parse_args(["serve", "result.json", "--port", "0"])
+    assert (args.result, args.port, args.host) == ("result.json", 0, "127.0.0.1")
+    with pytest.raises(ConfigError):
+        OutputDemoConfig(reference="median")
