@@ -35,7 +35,9 @@ async def main(max_evaluations: int = 200) -> float:
             validation = await client.create_session(
                 preset.preset_id, query_plus={"dataset": f"{target}:validation"}
             )
-            held_out = await client.create_session(preset.preset_id, query_plus={"dataset": f"{target}:held_out"})
+            held_out = await client.create_session(
+                preset.preset_id, query_plus={"dataset": f"{target}:held_out"}
+            )
             objective = ServiceObjective(client, validation, held_out)
             result = await EvoMerge(objective, preset.adapter_count, config).run()
         print(f"{preset.preset_id}: best validation loss {result.loss:.4f}")
