@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import attrs
@@ -35,6 +35,9 @@ from .errors import ConfigError
 from .objectives import MEAN_REFERENCE, AnswerSet, ScoringConfig, log_softmax, score_prompt
 from .providers import Completion, Message, Provider, TokenLogprob, Usage
 from .scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from .service import MergeServiceClient, ServiceSession
 
 __all__ = ["MERGED_FORMAT", "MergedModel", "MergedSpec", "load_spec", "open_merged", "save_spec"]
 
@@ -212,7 +215,7 @@ class MergedModel:
         spec: MergedSpec,
         *,
         provider: Provider | None = None,
-        client: Any = None,
+        client: MergeServiceClient | None = None,
         scheduler: Scheduler | None = None,
     ) -> None:
         if not isinstance(spec, MergedSpec):
@@ -230,7 +233,7 @@ class MergedModel:
         )
         self.answer_set = AnswerSet(spec.answer_set) if spec.mode == "output" else None
         self.models_queried: Counter[str] = Counter()
-        self._session: Any = None
+        self._session: ServiceSession | None = None
         self._lock = anyio.Lock()
         self._opened = False
 
@@ -314,13 +317,16 @@ class MergedModel:
 
     async def _complete_provider(self, chat: tuple[Message, ...], max_tokens: int) -> Completion:
         client, spec = self.client, self.spec
+        assert client is not None and spec.preset_id is not None
         async with self._lock:
             if self._session is None:
                 self._session = await client.create_session(spec.preset_id)
         prompt = next((m.content for m in reversed(chat) if m.role == "user"), None)
         if prompt is None:
             raise ConfigError("a completion needs a user message")
-        out = await client.complete(self._session, spec.alpha, spec.beta, prompt, max_tokens=max_tokens)
+        out = await client.complete(
+            self._session, spec.alpha, spec.beta, prompt, max_tokens=max_tokens, top_logprobs=20
+        )
         self.models_queried["merge-service"] += 1
         return Completion(
             text=out.text,

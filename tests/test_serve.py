@@ -157,3 +157,35 @@ def test_cli_serve_starts_the_embedded_service_and_answers_the_openai_client(
         proc.send_signal(signal.SIGTERM)
         status = proc.wait(timeout=30)
     assert status == 0
+
+
+@pytest.mark.anyio
+async def test_provider_side_merge_served_to_the_official_client(small_repository: Any) -> None:
+    from evomerge_sdk.local.sessions import preset_id
+
+    target = small_repository.targets()[0]
+    async with LocalService(small_repository, pool_sizes=(4,)) as service:
+        spec = MergedSpec(
+            mode="provider",
+            pool=small_repository.pool(target, 4, 0),
+            alpha=(1.0, 0.5, 0.0, 1.0),
+            beta=(0.5, 0.5, 0.2, -0.1),
+            preset_id=preset_id(target.name, 4),
+            name="merged-weights",
+        )
+        async with (
+            open_merged(spec, base_url=service.url) as merged,
+            MergedModelServer(merged) as server,
+            openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client,
+        ):
+            answer = await client.chat.completions.create(
+                model="merged-weights",
+                messages=[{"role": "user", "content": target.test.prompts[0]}],
+                logprobs=True,
+                top_logprobs=5,
+            )
+    assert isinstance(answer, ChatCompletion)
+    assert answer.choices[0].message.content
+    assert answer.usage is not None and answer.usage.completion_tokens == 1 and answer.usage.prompt_tokens > 0
+    assert answer.choices[0].logprobs is not None and answer.choices[0].logprobs.content is not None
+    assert len(answer.choices[0].logprobs.content[0].top_logprobs) == 5
