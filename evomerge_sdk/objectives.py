@@ -33,7 +33,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from .engine.objective import Candidate, EvaluationContext, Split
-from .engine.operators import merge_outputs
+from .engine.operators import keep_count, magnitude_order
 from .errors import BadResponse, ConfigError
 from .providers import ChatRequest, Completion, Message, Provider, Usage
 from .scheduler import Outcome, Scheduler, cache_key, chat_cache_key
@@ -463,6 +463,8 @@ class OutputScores:
     pool: FloatArray = attrs.field(converter=_floats)
     reference: FloatArray = attrs.field(converter=_floats)
     labels: IntArray = attrs.field(converter=_ints)
+    _deltas: FloatArray = attrs.field(init=False, repr=False)
+    _ranks: NDArray[np.intp] = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.pool.ndim != 3 or self.pool.shape[1:] != self.reference.shape:
@@ -476,6 +478,14 @@ class OutputScores:
             raise ConfigError("labels must be option indices")
         if not (np.all(np.isfinite(self.pool)) and np.all(np.isfinite(self.reference))):
             raise ConfigError("scores must be finite (use a floor for unlisted options)")
+        # The task vectors d_i = z_i - z_r and their magnitude ranks never change during a search: computed
+        # once, each candidate's merge is a mask and a weighted sum (the same result as merge_outputs).
+        deltas = self.pool - self.reference[None]
+        order = magnitude_order(deltas, axis=-1)
+        ranks = np.empty_like(order)
+        np.put_along_axis(ranks, order, np.arange(deltas.shape[-1])[None, None, :], axis=-1)
+        object.__setattr__(self, "_deltas", deltas)
+        object.__setattr__(self, "_ranks", ranks)
 
     @property
     def n_models(self) -> int:
@@ -484,9 +494,19 @@ class OutputScores:
 
     def merged(self, alpha: ArrayLike, beta: ArrayLike, index: IntArray | None = None) -> FloatArray:
         """The merged scores z_m (examples x options), on the examples at `index` (all when None)."""
-        if index is None:
-            return merge_outputs(self.reference, self.pool, alpha, beta)
-        return merge_outputs(self.reference[index], self.pool[:, index], alpha, beta)
+        a = np.asarray(alpha, dtype=np.float64)
+        b = np.asarray(beta, dtype=np.float64)
+        n, options = self.pool.shape[0], self.pool.shape[2]
+        if a.shape != (n,) or b.shape != (n,) or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+            raise ConfigError(f"alpha and beta must be {n} finite numbers each")
+        deltas, ranks = self._deltas, self._ranks
+        reference = self.reference
+        if index is not None:
+            deltas, ranks, reference = deltas[:, index], ranks[:, index], reference[index]
+        keep = np.array([keep_count(float(k), options) for k in a])
+        weights = np.where(ranks < keep[:, None, None], b[:, None, None], 0.0)
+        merged: FloatArray = reference + np.einsum("nek,nek->ek", weights, deltas)
+        return merged
 
     def metrics(self, alpha: ArrayLike, beta: ArrayLike) -> dict[str, float]:
         """Loss, accuracy and macro-F1 of the merge on every example."""

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from evomerge_anthropic import AnthropicProvider
 from evomerge_openai import OpenAIProvider
 from wire_servers import Answer, AnthropicWireServer, serve
@@ -212,3 +214,24 @@ def test_score_completion_needs_logprobs() -> None:
     lp = (TokenLogprob("red", -0.1, (("red", -0.1), ("blue", -2.5))),)
     out = score_completion(Completion(text="red", model="m", logprobs=lp), OPTIONS)
     assert out[0] == pytest.approx(-0.1) and out[2] == pytest.approx(-2.5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 5),
+    k=st.integers(2, 6),
+    ties=st.booleans(),
+)
+def test_precomputed_merge_equals_merge_outputs(seed: int, n: int, k: int, ties: bool) -> None:
+    rng = np.random.default_rng(seed)
+    pool = rng.normal(size=(n, 12, k))
+    if ties:
+        pool = np.round(pool)  # equal magnitudes: the tie order must match too
+    data = OutputScores(pool, np.zeros((12, k)) if ties else rng.normal(size=(12, k)), rng.integers(0, k, 12))
+    alpha = rng.choice([0.0, 0.3, 0.5, 1.0, rng.uniform()], size=n)
+    beta = rng.normal(size=n)
+    expected = merge_outputs(data.reference, data.pool, alpha, beta)
+    assert np.allclose(data.merged(alpha, beta), expected, atol=1e-12)
+    idx = np.array([1, 4, 7])
+    assert np.allclose(data.merged(alpha, beta, idx), expected[idx], atol=1e-12)
