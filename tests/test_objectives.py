@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from evomerge_anthropic import AnthropicProvider
 from evomerge_openai import OpenAIProvider
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from wire_servers import Answer, AnthropicWireServer, serve
 
 from evomerge_sdk.engine import DEFAULT, Candidate, EvaluationContext, EvoMerge, Split, merge_outputs
