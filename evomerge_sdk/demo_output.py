@@ -39,7 +39,7 @@ from .demo import (
     quick_search_config,
 )
 from .engine.baselines import best_single, lorahub, uniform_merge
-from .engine.objective import Candidate
+from .engine.objective import Candidate, EvaluationContext, Split
 from .engine.search import PRESETS, EvoMerge, Progress, SearchConfig, SearchResult, write_json_atomic
 from .errors import ConfigError
 from .local.repository import Repository, RepositoryConfig, Target, build_repository
@@ -73,6 +73,8 @@ OUTPUT_RESULT_FORMAT = "evomerge-sdk/demo-output-result"
 BEST_SINGLE = "best single adapter"
 UNIFORM = "uniform (pool mean)"
 BASE = "base model"
+PRUNED = "Evo-Merging, pruned"
+_VALIDATION = EvaluationContext(Split.VALIDATION, "prune", 0, 0)
 _QUICK_TEST = 300
 
 
@@ -285,7 +287,12 @@ async def run_output_demo_async(
             rep.phase(f"{EVO} (output space): two-stage search on the cached scores, seed {config.seed}")
             before = scheduler.metrics()
             evo = await EvoMerge(objective, n, search_config, on_progress=report(EVO)).run()
-            spend.append(_delta(before, scheduler.metrics(), f"search ({evo.evaluations} evaluations)"))
+            pruned_candidate = objective.prune(evo.candidate)
+            pruned_loss = (await objective([pruned_candidate], _VALIDATION))[0]
+            pruned = attrs.evolve(evo, candidate=pruned_candidate, loss=pruned_loss, fitness=pruned_loss)
+            spend.append(
+                _delta(before, scheduler.metrics(), f"search ({evo.evaluations} evaluations) and pruning")
+            )
             rep.phase("Baselines on the same cached scores")
             before = scheduler.metrics()
             single = await _best_single_by_accuracy(objective, scores["validation"])
@@ -329,6 +336,7 @@ async def run_output_demo_async(
 
     q, tk = scoring_spend.queries, scoring_spend.tokens
     rows.append(row(EVO, evo, q, tk))
+    rows.append(row(PRUNED, pruned, q, tk))
     rows.append(row(BEST_SINGLE, single, q, tk))
     rows.append(row(UNIFORM, uniform, q, tk))
     rows.append(row(LORAHUB_ROW, hub, q, tk))
@@ -351,8 +359,8 @@ async def run_output_demo_async(
     spec = MergedSpec(
         mode="output",
         pool=pool,
-        alpha=evo.alpha,
-        beta=evo.beta,
+        alpha=pruned.alpha,
+        beta=pruned.beta,
         source={
             "kind": "embedded",
             "repository_seed": config.repository_seed,
@@ -403,7 +411,7 @@ def _document(
 ) -> dict[str, Any]:
     import aiohttp
 
-    others = [r for r in rows if r.name != EVO]
+    others = [r for r in rows if r.name not in (EVO, PRUNED)]
     evo_row = rows[0]
     return {
         "format": OUTPUT_RESULT_FORMAT,
@@ -418,6 +426,7 @@ def _document(
         > next(r.test_accuracy for r in rows if r.name == BEST_SINGLE),
         "evo_merging_beats_every_row": all(evo_row.test_accuracy > r.test_accuracy for r in others),
         "evo_merging": evo.to_dict(),
+        "evo_merging_pruned": {"alpha": list(spec.alpha), "beta": list(spec.beta)},
         "active_models": list(spec.active),
         "spend": [s.to_dict() for s in spend],
         "merged_model": spec.to_dict(),
@@ -427,6 +436,8 @@ def _document(
             "cached scores and sent no request.",
             "Row queries/tokens are the shared scoring pass every selected row needs; the base row "
             "selects nothing, so it needs none.",
+            "The served merged model (merged_model) is the Evo-Merging merge pruned on validation: models "
+            "whose removal costs at most 0.5% validation loss get alpha = beta = 0 and are never queried.",
             "Scores: log-probability of each option's token; options outside the top 20 get the floor "
             "min(lowest listed logprob, log(unlisted mass / unlisted options)).",
         ],
@@ -505,7 +516,7 @@ def run_output_cli(args: Any) -> int:
     console.print(
         f"{EVO} (output space) {word} the best single adapter on test accuracy "
         f"({100 * evo.test_accuracy:.1f} vs {100 * single.test_accuracy:.1f}); it reads "
-        f"{len(result.spec.active)} of {len(result.pool)} adapters; its search sent "
+        f"{len(result.spec.active)} of {len(result.pool)} adapters once pruned; its search sent "
         f"{result.spend[1].queries} queries."
     )
     console.print(f"Wrote {result.result_path} (serve it: evomerge serve {result.result_path})")

@@ -563,3 +563,22 @@ class OutputSpaceObjective:
             losses.append(cross_entropy(data.merged(c.alpha, c.beta, index), labels))
         self.evaluations += len(candidates)
         return losses
+
+    def prune(self, candidate: Candidate, tolerance: float = 0.005) -> Candidate:
+        """`candidate` with models dropped (alpha = beta = 0) while the validation loss stays within
+        `tolerance` (relative) of the original: a merged model never queries a dropped model when it
+        serves. Greedy, smallest |beta| first; costs no query (cached scores)."""
+        if not (math.isfinite(tolerance) and tolerance >= 0):
+            raise ConfigError(f"tolerance must be >= 0, got {tolerance!r}")
+        data = self.validation
+        limit = cross_entropy(data.merged(candidate.alpha, candidate.beta), data.labels) * (1 + tolerance)
+        alpha, beta = candidate.alpha.copy(), candidate.beta.copy()
+        for i in np.argsort(np.abs(beta), kind="stable"):
+            if alpha[i] == 0 or beta[i] == 0:
+                continue
+            trial_a, trial_b = alpha.copy(), beta.copy()
+            trial_a[i] = trial_b[i] = 0.0
+            if cross_entropy(data.merged(trial_a, trial_b), data.labels) <= limit:
+                alpha, beta = trial_a, trial_b
+        return Candidate(alpha, beta)
+

@@ -235,3 +235,22 @@ def test_precomputed_merge_equals_merge_outputs(seed: int, n: int, k: int, ties:
     assert np.allclose(data.merged(alpha, beta), expected, atol=1e-12)
     idx = np.array([1, 4, 7])
     assert np.allclose(data.merged(alpha, beta, idx), expected[idx], atol=1e-12)
+
+
+def test_prune_drops_models_that_do_not_matter_within_the_tolerance() -> None:
+    rng = np.random.default_rng(3)
+    e, k = 100, 3
+    labels = rng.integers(0, k, size=e)
+    useful = np.eye(k)[labels] * 3.0 + rng.normal(size=(e, k))
+    reference = rng.normal(size=(e, k))
+    pool = np.stack([useful, reference.copy(), reference + 1e-3 * rng.normal(size=(e, k))])
+    objective = OutputSpaceObjective(OutputScores(pool, reference, labels))
+    c = Candidate(np.ones(3), np.array([1.0, 0.7, 0.2]))
+    pruned = objective.prune(c, tolerance=0.001)
+    assert pruned.beta[0] == 1.0 and pruned.beta[1] == 0.0 and pruned.beta[2] == 0.0
+    assert list(pruned.alpha) == [1.0, 0.0, 0.0]
+    before = cross_entropy(objective.validation.merged(c.alpha, c.beta), labels)
+    after = cross_entropy(objective.validation.merged(pruned.alpha, pruned.beta), labels)
+    assert after <= before * 1.001
+    with pytest.raises(ConfigError):
+        objective.prune(c, tolerance=-1.0)

@@ -32,12 +32,15 @@ def test_output_demo_searches_on_cached_scores_and_writes_a_servable_result(tmp_
     assert test.queries == 7 * 100
     assert result.evo.evaluations > 100
     names = [r.name for r in result.rows]
-    assert names[0] == EVO and BEST_SINGLE in names
+    assert names[0] == EVO and BEST_SINGLE in names and "Evo-Merging, pruned" in names
+    pruned = result.row("Evo-Merging, pruned")
+    assert pruned.validation_loss <= result.row(EVO).validation_loss * 1.005 + 1e-12
+    assert len(spec_active := result.spec.active) <= len(result.pool) and spec_active
     doc = json.loads(result.result_path.read_text())
     assert doc["spend"][1]["queries"] == 0
     spec = load_spec(result.result_path)
     assert spec.mode == "output" and spec.reference == "base"
-    assert list(spec.alpha) == result.evo.alpha.tolist()
+    assert list(spec.alpha) == list(pruned.alpha or ())
     assert "| search (" in format_spend(result.spend)
     # a re-run answers every request from the response cache: nothing is sent
     again = run_output_demo(config)
