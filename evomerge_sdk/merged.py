@@ -32,8 +32,16 @@ from numpy.typing import ArrayLike
 
 from .engine.operators import merge_outputs
 from .errors import ConfigError
-from .objectives import MEAN_REFERENCE, AnswerSet, ScoringConfig, log_softmax, score_prompt
-from .providers import Completion, Message, Provider, TokenLogprob, Usage
+from .objectives import (
+    MEAN_REFERENCE,
+    AnswerSet,
+    Providers,
+    ScoringConfig,
+    log_softmax,
+    provider_for,
+    score_prompt,
+)
+from .providers import Completion, Message, TokenLogprob, Usage
 from .scheduler import Scheduler
 
 if TYPE_CHECKING:
@@ -204,7 +212,8 @@ def _messages(messages: str | Sequence[Message] | Sequence[Mapping[str, str]]) -
 class MergedModel:
     """The merged model of a search, used like a chat model: `await merged.complete(messages)`.
 
-    Output mode takes the `provider` that reaches the pool's models (and the reference) and, optionally,
+    Output mode takes the `provider` that reaches the pool's models and the reference (or a mapping of
+    model name to provider, for a pool spread over several APIs) and, optionally,
     a `scheduler` (otherwise it opens its own, with an in-memory cache). Provider mode takes a
     `MergeServiceClient` (its scheduler is used). Use it as `async with MergedModel(...) as merged:` so
     what it opened is closed; `models_queried` counts requests per model.
@@ -214,7 +223,7 @@ class MergedModel:
         self,
         spec: MergedSpec,
         *,
-        provider: Provider | None = None,
+        provider: Providers | None = None,
         client: MergeServiceClient | None = None,
         scheduler: Scheduler | None = None,
     ) -> None:
@@ -280,7 +289,8 @@ class MergedModel:
         usage = [Usage()]
 
         async def one(model: str) -> None:
-            row, used, _ = await score_prompt(scheduler, provider, model, chat, answers, spec.scoring)
+            chosen = provider_for(provider, model)
+            row, used, _ = await score_prompt(scheduler, chosen, model, chat, answers, spec.scoring)
             rows[model] = row
             usage.append(used)
             self.models_queried[model] += 1

@@ -44,6 +44,7 @@ __all__ = [
     "LabelledExamples",
     "OutputScores",
     "OutputSpaceObjective",
+    "Providers",
     "ScoreTable",
     "ScoringConfig",
     "accuracy",
@@ -51,6 +52,7 @@ __all__ = [
     "cross_entropy",
     "log_softmax",
     "macro_f1",
+    "provider_for",
     "score_completion",
     "scoring_request",
 ]
@@ -370,29 +372,46 @@ class ScoreTable:
         return OutputScores(z, r, self.examples.labels)
 
 
+Providers = Provider | Mapping[str, Provider]
+"""One provider for every model, or a provider per model name (a pool spread over several APIs)."""
+
+
+def provider_for(providers: Providers, model: str) -> Provider:
+    """The provider that serves `model`."""
+    if isinstance(providers, Mapping):
+        try:
+            return providers[model]
+        except KeyError:
+            raise ConfigError(f"no provider given for model {model!r}") from None
+    return providers
+
+
 async def collect_scores(
     scheduler: Scheduler,
-    provider: Provider,
+    provider: Providers,
     models: Sequence[str],
     examples: LabelledExamples,
     config: ScoringConfig | None = None,
 ) -> ScoreTable:
-    """Ask every model once per example (see the module doc) and return the `ScoreTable`."""
+    """Ask every model once per example (see the module doc) and return the `ScoreTable`.
+
+    `provider` may map model names to providers: each model is scored the way its provider allows
+    (log-probabilities, or votes for a provider without them), so one pool can span several APIs.
+    """
     config = config or ScoringConfig()
     if isinstance(models, str) or not models:
         raise ConfigError("models must be a non-empty sequence of model names")
     if len(set(models)) != len(models):
         raise ConfigError("models must not name a model twice")
+    chosen = [provider_for(provider, m) for m in models]
     scores = np.zeros((len(models), len(examples), len(examples.answer_set)))
     usages: list[Usage] = []
     cached = 0
-    method = config.method_for(provider)
-    per_example = 1 if method == "logprobs" else config.samples
 
     async def one(m: int, e: int) -> None:
         nonlocal cached
         row, usage, hits = await score_prompt(
-            scheduler, provider, models[m], examples.prompts[e], examples.answer_set, config
+            scheduler, chosen[m], models[m], examples.prompts[e], examples.answer_set, config
         )
         scores[m, e] = row
         usages.append(usage)
@@ -406,12 +425,13 @@ async def collect_scores(
     total = Usage()
     for u in usages:
         total = total + u
+    per_model = [1 if config.method_for(p) == "logprobs" else config.samples for p in chosen]
     return ScoreTable(
         models=tuple(models),
         scores=scores,
         examples=examples,
         usage=total,
-        requests=len(jobs) * per_example,
+        requests=sum(per_model) * len(examples),
         cached=cached,
     )
 
@@ -581,4 +601,3 @@ class OutputSpaceObjective:
             if cross_entropy(data.merged(trial_a, trial_b), data.labels) <= limit:
                 alpha, beta = trial_a, trial_b
         return Candidate(alpha, beta)
-

@@ -167,3 +167,38 @@ def test_bad_specs_fail_clearly() -> None:
         MergedSpec(mode="output", pool=("a",), alpha=(1.0,), beta=(1.0,), reference="a", answer_set=OPTIONS)
     with pytest.raises(ConfigError, match="provider"):
         MergedModel(_spec())
+
+
+@pytest.mark.anyio
+async def test_a_pool_spread_over_openai_and_anthropic_mixes_logprobs_and_votes() -> None:
+    from evomerge_anthropic import AnthropicProvider
+    from wire_servers import AnthropicWireServer
+
+    from evomerge_sdk.objectives import ScoringConfig
+
+    spec = MergedSpec(
+        mode="output",
+        pool=("gpt-x", "claude-x"),
+        alpha=(1.0, 1.0),
+        beta=(0.5, 0.5),
+        reference="base",
+        answer_set=OPTIONS,
+        scoring=ScoringConfig(samples=3, temperature=0.7),
+    )
+    async with serve(OpenAIWireServer(api_key=None)) as oai, serve(AnthropicWireServer()) as ant:
+        oai.push(Answer(text="blue"), Answer(text="blue"))
+        ant.push(*(Answer(text="blue") for _ in range(3)))
+        gpt = OpenAIProvider(base_url=oai.base_url)
+        claude = AnthropicProvider(api_key=ant.api_key, base_url=ant.base_url)
+        try:
+            providers = {"base": gpt, "gpt-x": gpt, "claude-x": claude}
+            async with MergedModel(spec, provider=providers) as merged:
+                answer = await merged.complete("which colour")
+        finally:
+            await gpt.aclose()
+            await claude.aclose()
+    assert Counter(r.body["model"] for r in oai.received) == Counter({"base": 1, "gpt-x": 1})
+    assert [r.body["model"] for r in ant.received] == ["claude-x"] * 3
+    assert all("logprobs" not in r.body for r in ant.received)
+    assert answer.text == "blue"
+    assert merged.models_queried == Counter({"base": 1, "gpt-x": 1, "claude-x": 1})
