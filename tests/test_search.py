@@ -383,3 +383,144 @@ def test_minibatch_is_a_deterministic_subset_shared_by_a_generation() -> None:
     assert np.all(np.diff(first) > 0) and first.max() < 300
     assert EvaluationContext(Split.VALIDATION, "stage2", 3, seed=1234).minibatch(300) is None
     assert ctx.minibatch(50) is None  # a batch larger than the split scores all of it
+
+
+# -- minibatch stages ---------------------------------------------------------------------------------
+class MiniBatchPool:
+    """The synthetic pool, scoring each call on the context's minibatch of its split (as a service would)."""
+
+    def __init__(self, pool: SyntheticPool) -> None:
+        self.pool = pool
+        self.rows = {Split.VALIDATION: np.arange(200), Split.HELD_OUT: np.arange(200, 300)}  # its splits
+        self.log: list[tuple[EvaluationContext, list[Candidate]]] = []
+
+    def loss(self, candidate: Candidate, rows: np.ndarray) -> float:
+        z = self.pool.merged_scores(candidate, rows)
+        z = z - z.max(axis=-1, keepdims=True)
+        log_p = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+        return float(-log_p[np.arange(rows.size), self.pool.labels[rows]].mean())
+
+    async def __call__(self, candidates: Sequence[Candidate], context: EvaluationContext, /) -> list[float]:
+        self.log.append((context, list(candidates)))
+        rows = self.rows[context.split]
+        index = context.minibatch(rows.size)
+        chosen = rows if index is None else rows[index]
+        return [self.loss(c, chosen) for c in candidates]
+
+
+MINI = attrs.evolve(
+    SMALL,
+    name="mini",
+    denoise=attrs.evolve(SMALL.denoise, batch_size=40, rescore_every=2),
+    scale=attrs.evolve(SMALL.scale, batch_size=40),
+    early_stopping=None,
+)
+
+
+@pytest.mark.anyio
+async def test_minibatch_stage_scores_generations_on_a_batch_and_its_mean_on_the_whole_split(
+    pool: SyntheticPool,
+) -> None:
+    obj = MiniBatchPool(pool)
+    result = await EvoMerge(obj, N, MINI).run()
+    whole = [(ctx, cs) for ctx, cs in obj.log if ctx.batch_size is None]
+    batched = [(ctx, cs) for ctx, cs in obj.log if ctx.batch_size == 40]
+    assert len(batched) == 5 + 8 and all(len(cs) == 8 for _, cs in batched)
+    # Stage 1 re-scores its mean every 2nd generation and at its end (gen 5); stage 2 only at its end.
+    assert [(ctx.stage, ctx.generation) for ctx, _ in whole] == [
+        ("denoise", 1), ("denoise", 3), ("denoise", 4), ("scale", 12),
+    ]  # fmt: skip
+    assert all(len(cs) == 1 for _, cs in whole)
+    # A fresh batch per generation, the same one for every candidate of it.
+    seeds = [ctx.seed for ctx, _ in batched]
+    assert len(set(seeds)) == len(seeds)
+    # The incumbent is always a merge scored on the whole split: the loss reported is its exact loss.
+    assert result.loss == obj.loss(result.candidate, obj.rows[Split.VALIDATION])
+    assert result.candidate in [cs[0] for _, cs in whole] + [
+        Candidate(result.stages[0].candidate.alpha, np.full(N, 1 / N))
+    ]
+    assert result.evaluations == 13 * 8 + 4 and [s.evaluations for s in result.stages] == [43, 65]
+    uniform_loss = obj.loss(Candidate(np.ones(N), np.full(N, 1 / N)), obj.rows[Split.VALIDATION])
+    assert result.loss < uniform_loss
+
+
+@pytest.mark.anyio
+async def test_minibatch_search_reaches_the_full_batch_loss_for_fewer_examples(pool: SyntheticPool) -> None:
+    # The same number of generations on a fifth of the examples: close to the full-batch search.
+    full = await EvoMerge(pool, N, attrs.evolve(PAPER, early_stopping=None)).run()
+    mini_config = attrs.evolve(
+        PAPER,
+        early_stopping=None,
+        denoise=attrs.evolve(PAPER.denoise, batch_size=40),
+        scale=attrs.evolve(PAPER.scale, batch_size=40),
+    )
+    mini = await EvoMerge(MiniBatchPool(pool), N, mini_config).run()
+    assert mini.loss < full.loss * 1.05
+    assert mini.loss < 0.5 * uniform(pool)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fail_at", [1, 3, 4, 9, 14])
+async def test_minibatch_resume_gives_identical_calls_and_result(
+    pool: SyntheticPool, tmp_path: Path, fail_at: int
+) -> None:
+    straight = MiniBatchPool(pool)
+    expected = await EvoMerge(straight, N, MINI).run()
+
+    class Crash(MiniBatchPool):
+        async def __call__(self, cands: Sequence[Candidate], context: EvaluationContext, /) -> list[float]:
+            if len(self.log) == fail_at:
+                raise RuntimeError("simulated crash")
+            return await super().__call__(cands, context)
+
+    path = tmp_path / "run.json"
+    crashing = Crash(pool)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        await EvoMerge(crashing, N, MINI, checkpoint=path).run()
+    resumed_obj = MiniBatchPool(pool)
+    resumed = await EvoMerge(resumed_obj, N, MINI, checkpoint=path).run()
+    assert resumed.to_dict() == expected.to_dict()
+    done = len(straight.log) - len(resumed_obj.log)
+    assert 0 <= done <= len(crashing.log)
+    assert crashing.log[:done] + resumed_obj.log == straight.log
+
+
+@pytest.mark.anyio
+async def test_early_stopping_on_a_minibatch_stage_checks_the_rescored_mean(pool: SyntheticPool) -> None:
+    calls: list[EvaluationContext] = []
+    inner = MiniBatchPool(pool)
+
+    async def flat_held_out(cands: Sequence[Candidate], ctx: EvaluationContext, /) -> list[float]:
+        calls.append(ctx)
+        if ctx.split is Split.HELD_OUT:
+            return [1.0] * len(cands)  # never improves
+        return await inner(cands, ctx)
+
+    config = attrs.evolve(
+        MINI,
+        denoise=None,
+        scale=attrs.evolve(MINI.scale, rescore_every=2, max_evaluations=400),
+        early_stopping=EarlyStopping(patience=4),
+    )
+    result = await EvoMerge(flat_held_out, N, config).run()
+    assert result.stop_reason is StopReason.EARLY_STOPPING
+    # Held-out improves once (the first incumbent), then 4 generations without: stop after generation 6.
+    assert result.stages[0].generations == 6
+    assert result.held_out_evaluations == sum(c.split is Split.HELD_OUT for c in calls) >= 1
+
+
+def test_sigma_scaling_and_minibatch_config_errors() -> None:
+    stage = StageConfig(start=0.0, sigma=0.2, lower=-1.0, upper=1.0, max_evaluations=10, sigma_scaling="sqrt")
+    assert stage.sigma_value(20) == pytest.approx(0.2)
+    assert stage.sigma_value(80) == pytest.approx(0.1)
+    assert attrs.evolve(stage, sigma_scaling="none").sigma_value(80) == 0.2
+    with pytest.raises(ConfigError, match="sigma_scaling"):
+        attrs.evolve(stage, sigma_scaling="linear")
+    with pytest.raises(ConfigError, match="batch_size"):
+        attrs.evolve(stage, batch_size=0)
+    with pytest.raises(ConfigError, match="rescore_every"):
+        attrs.evolve(stage, rescore_every=-1)
+    with pytest.raises(ConfigError, match="needs rescore_every in"):
+        attrs.evolve(MINI, early_stopping=EarlyStopping(patience=5))
+    assert attrs.evolve(MINI, early_stopping=EarlyStopping(patience=2), scale=None).denoise is not None
+    assert SearchConfig.from_dict(json.loads(json.dumps(MINI.to_dict()))) == MINI

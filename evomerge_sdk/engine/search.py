@@ -60,7 +60,9 @@ __all__ = [
 FloatArray = NDArray[np.float64]
 
 _CHECKPOINT_FORMAT = "evomerge-sdk/search-checkpoint"
-_CHECKPOINT_VERSION = 1
+_CHECKPOINT_VERSION = 2
+SIGMA_REFERENCE_MODELS = 20
+"""With `sigma_scaling="sqrt"`, a stage's sigma holds for a pool of this many models (the paper's 20)."""
 DIAGONAL_AUTO_MIN_MODELS = 40
 """With `diagonal="auto"`, pools of at least this many models use sep-CMA-ES: a full covariance matrix
 needs O(N^2) evaluations to learn, far beyond a stage budget of a few hundred at this size."""
@@ -110,14 +112,35 @@ def _check_stage(stage: StageConfig) -> None:
             raise fail(f"start {stage.start} lies outside [{stage.lower}, {stage.upper}]")
     if stage.diagonal not in (True, False, "auto"):
         raise fail(f"diagonal must be True, False or 'auto', got {stage.diagonal!r}")
+    if stage.sigma_scaling not in ("none", "sqrt"):
+        raise fail(f"sigma_scaling must be 'none' or 'sqrt', got {stage.sigma_scaling!r}")
+    if stage.batch_size is not None and (
+        isinstance(stage.batch_size, bool) or not isinstance(stage.batch_size, int) or stage.batch_size < 1
+    ):
+        raise fail(f"batch_size must be None (whole split) or an integer >= 1, got {stage.batch_size!r}")
+    if (
+        isinstance(stage.rescore_every, bool)
+        or not isinstance(stage.rescore_every, int)
+        or stage.rescore_every < 0
+    ):
+        raise fail(f"rescore_every must be an integer >= 0, got {stage.rescore_every!r}")
 
 
 @attrs.frozen
 class StageConfig:
     """One CMA-ES stage: where it starts, how wide it samples, its box, population and budget.
 
-    `start="1/N"` starts every entry at 1/N. `max_evaluations` is never exceeded: the stage stops when
-    the next full generation would not fit. `diagonal="auto"` uses sep-CMA-ES for large pools.
+    `start="1/N"` starts every entry at 1/N. `max_evaluations` is never exceeded by the generations: the
+    stage stops when the next full generation would not fit. `diagonal="auto"` uses sep-CMA-ES for large
+    pools. `sigma_scaling="sqrt"` divides sigma by sqrt(N / 20), so one preset fits every pool size (a
+    merge's effect grows with the number of models it sums; 20 is the paper's pool).
+
+    `batch_size` turns on minibatch fitness: each generation scores all its candidates on the same
+    `batch_size` examples (common random numbers: the ranking CMA needs survives the noise), a fresh draw
+    per generation. A minibatch loss is biased for the candidate that won on it, so such a stage never
+    takes a generation's winner as its incumbent: it scores the CMA mean on the whole split every
+    `rescore_every` generations (0: only when the stage ends), one evaluation more each time, and keeps
+    it if its fitness beats the incumbent's.
     """
 
     start: float | Literal["1/N"]
@@ -130,9 +153,18 @@ class StageConfig:
     diagonal: bool | Literal["auto"] = False
     tolfun: float = 1e-11
     tolx: float = 1e-11
+    sigma_scaling: Literal["none", "sqrt"] = "none"
+    batch_size: int | None = None
+    rescore_every: int = 0
 
     def __attrs_post_init__(self) -> None:
         _check_stage(self)
+
+    def sigma_value(self, n: int) -> float:
+        """The initial step size for a pool of n models."""
+        return (
+            self.sigma / math.sqrt(n / SIGMA_REFERENCE_MODELS) if self.sigma_scaling == "sqrt" else self.sigma
+        )
 
     def start_value(self, n: int) -> float:
         """The start for a pool of n models; 1/N must lie within the bounds."""
@@ -193,6 +225,18 @@ class SearchConfig:
             raise ConfigError(f"fixed_alpha must be in [0, 1], got {self.fixed_alpha!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        stop = self.early_stopping
+        for name, stage in self.stages():
+            # A minibatch stage's incumbent only changes when it re-scores its mean.
+            if (
+                stop is not None
+                and stage.batch_size is not None
+                and not 1 <= stage.rescore_every <= stop.patience
+            ):
+                raise ConfigError(
+                    f"stage {name!r}: early stopping on a minibatch stage needs rescore_every in "
+                    f"[1, patience={stop.patience}], got {stage.rescore_every}"
+                )
 
     def stages(self) -> list[tuple[str, StageConfig]]:
         """The active stages in run order, by name."""
@@ -309,7 +353,11 @@ def preset(name: str) -> SearchConfig:
 # -- records -----------------------------------------------------------------------------------------
 @attrs.frozen
 class Progress:
-    """What the progress callback receives after every generation."""
+    """What the progress callback receives after every generation.
+
+    `candidate` is the incumbent (the best merge scored on the whole validation split so far), and
+    `mean_candidate` the merge at the CMA mean, the stage's current best guess.
+    """
 
     stage: str
     generation: int
@@ -322,6 +370,8 @@ class Progress:
     held_out_loss: float | None
     mean: FloatArray = attrs.field(eq=False)
     sigma: float
+    candidate: Candidate | None = None
+    mean_candidate: Candidate | None = None
 
 
 ProgressCallback = Callable[[Progress], Awaitable[None] | None]
@@ -544,6 +594,7 @@ class _RunState:
     nonfinite: int = 0
     best_held_out: float | None = None
     since_improvement: int = 0
+    rescored_at: int = -1
     stages: list[StageResult] = attrs.Factory(list)
     history: list[HistoryPoint] = attrs.Factory(list)
 
@@ -561,6 +612,7 @@ class _RunState:
             "nonfinite": self.nonfinite,
             "best_held_out": _opt_num(self.best_held_out),
             "since_improvement": self.since_improvement,
+            "rescored_at": self.rescored_at,
             "stages": [s.to_dict() for s in self.stages],
             "history": [h.to_dict() for h in self.history],
         }
@@ -580,6 +632,7 @@ class _RunState:
             nonfinite=int(d["nonfinite"]),
             best_held_out=_opt_unnum(d["best_held_out"]),
             since_improvement=int(d["since_improvement"]),
+            rescored_at=int(d["rescored_at"]),
             stages=[StageResult.from_dict(s) for s in d["stages"]],
             history=[HistoryPoint.from_dict(h) for h in d["history"]],
         )
@@ -696,6 +749,8 @@ class EvoMerge:
                 if state.es is None:
                     self._begin_stage(state, name, stage)
                 reason = await self._run_stage(state, name, stage)
+                if stage.batch_size is not None and state.stage_generation > 0:
+                    await self._rescore_mean(state, name, stage)
                 self._end_stage(state, name, reason)
         except BudgetExceeded:
             if state.incumbent is None:
@@ -722,7 +777,7 @@ class EvoMerge:
             )
         state.es = CMA(
             start,
-            stage.sigma,
+            stage.sigma_value(n),
             lower=stage.lower,
             upper=stage.upper,
             popsize=stage.popsize,
@@ -759,6 +814,7 @@ class EvoMerge:
                 stage=name,
                 generation=state.generation,
                 seed=derive_seed(self.config.seed, state.stage_index, state.stage_generation + 1),
+                batch_size=stage.batch_size,
             )
             losses = await evaluate_losses(self.objective, candidates, context)
             finite = np.isfinite(losses)
@@ -769,9 +825,12 @@ class EvoMerge:
             state.stage_evaluations += len(candidates)
             state.evaluations += len(candidates)
             state.nonfinite += int((~finite).sum())
-            best = int(np.argmin(fitness))
-            if finite[best] and (state.incumbent is None or fitness[best] < state.incumbent.fitness):
-                state.incumbent = _Incumbent(candidates[best], float(losses[best]), float(fitness[best]))
+            if stage.batch_size is None:
+                best = int(np.argmin(fitness))
+                if finite[best] and (state.incumbent is None or fitness[best] < state.incumbent.fitness):
+                    state.incumbent = _Incumbent(candidates[best], float(losses[best]), float(fitness[best]))
+            elif stage.rescore_every and state.stage_generation % stage.rescore_every == 0:
+                await self._rescore_mean(state, name, stage)
             if early is not None:
                 await self._check_held_out(state, name, early)
             gen_loss = float(losses[finite].min()) if finite.any() else math.nan
@@ -801,10 +860,37 @@ class EvoMerge:
                     held_out_loss=inc.held_out if inc else None,
                     mean=es.mean,
                     sigma=es.sigma,
+                    candidate=inc.candidate if inc else None,
+                    mean_candidate=self._candidate(name, fixed, es.mean),
                 )
                 maybe = self.on_progress(progress)
                 if inspect.isawaitable(maybe):
                     await maybe
+
+    async def _rescore_mean(self, state: _RunState, name: str, stage: StageConfig) -> None:
+        """Score the CMA mean on the whole validation split; it becomes the incumbent if its fitness wins."""
+        es, fixed = state.es, state.fixed
+        assert es is not None and fixed is not None
+        if state.rescored_at == state.generation:
+            return
+        x = es.mean
+        candidate = self._candidate(name, fixed, x)
+        context = EvaluationContext(
+            split=Split.VALIDATION,
+            stage=name,
+            generation=state.generation - 1,
+            seed=derive_seed(self.config.seed, state.stage_index, state.stage_generation),
+        )
+        (loss,) = await evaluate_losses(self.objective, [candidate], context)
+        state.rescored_at = state.generation
+        state.stage_evaluations += 1
+        state.evaluations += 1
+        if not math.isfinite(loss):
+            state.nonfinite += 1
+            return
+        fitness = float(loss) + stage.penalty * float(np.mean(np.abs(x)))
+        if state.incumbent is None or fitness < state.incumbent.fitness:
+            state.incumbent = _Incumbent(candidate, float(loss), fitness)
 
     async def _check_held_out(self, state: _RunState, name: str, early: EarlyStopping) -> None:
         inc = state.incumbent
