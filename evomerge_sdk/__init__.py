@@ -61,10 +61,15 @@ _ENGINE = (
 )
 _SCHEDULER = ("Budget", "PriceTable", "RetryPolicy", "Scheduler")
 _SERVICE = ("MergeServiceClient", "ServiceObjective", "ServiceSession")
+_MERGED = ("MergedModel", "MergedSpec", "load_spec", "open_merged")
+_OBJECTIVES = ("AnswerSet", "LabelledExamples", "OutputSpaceObjective", "ScoringConfig", "collect_scores")
 _LAZY: dict[str, str] = {
     **dict.fromkeys(_ENGINE, ".engine"),
     **dict.fromkeys(_SCHEDULER, ".scheduler"),
     **dict.fromkeys(_SERVICE, ".service"),
+    **dict.fromkeys(_MERGED, ".merged"),
+    **dict.fromkeys(_OBJECTIVES, ".objectives"),
+    "MergedModelServer": ".serve",
     "LocalService": ".local.server",
     "DemoConfig": ".demo",
     "run_demo": ".demo",
@@ -94,7 +99,10 @@ if TYPE_CHECKING:
         uniform_merge,
     )
     from .local.server import LocalService
+    from .merged import MergedModel, MergedSpec, load_spec, open_merged
+    from .objectives import AnswerSet, LabelledExamples, OutputSpaceObjective, ScoringConfig, collect_scores
     from .scheduler import Budget, PriceTable, RetryPolicy, Scheduler
+    from .serve import MergedModelServer
     from .service import MergeServiceClient, ServiceObjective, ServiceSession
 
 
@@ -114,6 +122,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "DEFAULT",
     "PAPER",
+    "AnswerSet",
     "AuthenticationError",
     "BadResponse",
     "Budget",
@@ -129,10 +138,15 @@ __all__ = [
     "EvoMerge",
     "EvomergeError",
     "InvalidRequest",
+    "LabelledExamples",
     "LocalService",
     "MergeServiceClient",
+    "MergedModel",
+    "MergedModelServer",
+    "MergedSpec",
     "Message",
     "Objective",
+    "OutputSpaceObjective",
     "PriceTable",
     "Progress",
     "Provider",
@@ -142,6 +156,7 @@ __all__ = [
     "RetryPolicy",
     "RetryableError",
     "Scheduler",
+    "ScoringConfig",
     "SearchConfig",
     "SearchResult",
     "ServerError",
@@ -155,8 +170,11 @@ __all__ = [
     "ablations",
     "available_providers",
     "best_single",
+    "collect_scores",
     "load_provider",
+    "load_spec",
     "lorahub",
+    "open_merged",
     "preset",
     "random_search",
     "run_demo",
