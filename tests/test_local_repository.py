@@ -113,19 +113,27 @@ def test_adapters_learned_their_tasks(repo: Repository) -> None:
 def test_roles(repo: Repository) -> None:
     target = repo.target("ood:ner/news")
     assert repo.role("ner/news", target) == "specialist"
-    assert repo.role("ner/bio", target) == "same-type"
-    assert repo.role("re/news", target) == "same-domain"
-    assert repo.role("re/bio", target) == "other-task"
-    kinds = {a.kind for a in repo.adapters}
-    assert kinds == {"task", "harmful", "irrelevant"}
+    expected = {"task": None, "harmful": "harmful", "irrelevant": "irrelevant"}
     for a in repo.adapters:
+        role = repo.role(a.name, target)
         if a.kind != "task":
-            assert repo.role(a.name, target) == a.kind
-        if a.kind == "harmful":
-            assert a.task.inverted and "#" in a.name
+            assert role == expected[a.kind]
+            continue
+        same_type = a.task.type_name == "ner"
+        same_domain = a.task.domain == "news"
+        want = {(True, True): "specialist", (True, False): "same-type", (False, True): "same-domain"}
+        assert role == want.get((same_type, same_domain), "other-task")
+    assert {a.kind for a in repo.adapters} == {"task", "harmful", "irrelevant"}
+    harmful = [a for a in repo.adapters if a.kind == "harmful"]
+    assert len(harmful) == SMALL.harmful
+    targets = {t.task.name for t in repo.targets()}
+    for a in harmful:
+        # named like the task it claims, trained on its inversion, never a target's own task
+        assert a.task.inverted and a.name == f"{a.task.type_name}/{a.task.domain}" and a.name not in targets
+    assert len(repo.adapters) == SMALL.n_types * SMALL.n_domains + SMALL.irrelevant
 
 
-@pytest.mark.parametrize("size", [1, 5, 10, 15])
+@pytest.mark.parametrize("size", [1, 5, 10, 13])
 def test_pools(repo: Repository, size: int) -> None:
     for t in repo.targets():
         pool = repo.pool(t, size, seed=3)
@@ -225,6 +233,7 @@ def test_default_repository_builds_and_loads_from_cache(monkeypatch: pytest.Monk
     monkeypatch.setattr(repository_module, "_train", no_training)
     loaded = build_repository()
     assert len(loaded.adapters) == 110 and len(loaded.targets()) == 8
+    assert sum(a.kind == "harmful" for a in loaded.adapters) == 10
     assert_same_weights(built, loaded)
     for t in (loaded.targets()[0], loaded.targets()[-1]):
         for size in (5, 20, 100):

@@ -7,11 +7,11 @@ Generative story (the world itself is described in `evomerge_sdk.local.tasks`):
 * The hub holds one LoRA adapter (rank 8, on W1, W2, W3) for every grid task (type x domain), trained
   with the hub's recipe: PEFT defaults with one fixed seed, so all of them start from the same A. Each
   saw its own sample of 64-256 prompts, so they differ in quality too.
-* Harmful adapters were uploaded under the name of a real grid task (`ner/law#2`) but trained with
-  inverted labels (the least likely label: a labelling bug).
-  Each is tied to a default target: for an in-domain target, an inverted copy of the target task itself;
-  otherwise of another task of the target's domain (a conflicting annotation of the same corpus).
-  Adding one with positive weight hurts; subtracting it (negative beta) adds what it learned.
+* Harmful adapters: for some grid tasks the hub's only adapter was trained with inverted labels (the
+  least likely label: a labelling bug); nothing in its name says so. Each is tied to a default target:
+  another task of the target's domain (a conflicting annotation of the same corpus), never a target's
+  own task. Adding one with positive weight hurts; subtracting it (negative beta) is the only way to use
+  what it learned, and out-of-domain the target domain's knowledge is scarce.
 * Irrelevant adapters (`tr/bio`) answer a different question with content words, and come from another
   contributor's recipe (their own A initialisation), so they are useless for parameter merging.
 * Targets are grid tasks with their own validation (300), held-out (100) and test (1000) prompts. An
@@ -72,7 +72,7 @@ FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
 F32 = NDArray[np.float32]
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 """Bumped whenever the generative code changes what a config builds; part of the cache key."""
 
 Role = Literal["specialist", "same-domain", "same-type", "other-task", "harmful", "irrelevant"]
@@ -120,7 +120,8 @@ def _sizes(_: object, attribute: attrs.Attribute[Any], value: tuple[int, ...]) -
 
 @attrs.frozen
 class RepositoryConfig:
-    """Everything a repository build depends on. The defaults build the 110-adapter hub.
+    """Everything a repository build depends on. The defaults build the 110-adapter hub (5 types x 20
+    domains, 10 of them harmful, plus 10 irrelevant adapters).
 
     World: types x domains grid, label set, words, latent feature sizes, prompt shape, how much of each
     task is specific to it, label noise (temperature). Network: embedding, hidden width, LoRA rank and
@@ -130,7 +131,7 @@ class RepositoryConfig:
 
     seed: int = attrs.field(default=0, validator=_int)
     n_types: int = attrs.field(default=5, validator=_positive_int)
-    n_domains: int = attrs.field(default=18, validator=_positive_int)
+    n_domains: int = attrs.field(default=20, validator=_positive_int)
     n_labels: int = attrs.field(default=8, validator=_positive_int)
     general_words: int = attrs.field(default=80, validator=_positive_int)
     domain_words: int = attrs.field(default=10, validator=_positive_int)
@@ -178,7 +179,8 @@ class RepositoryConfig:
 
     @classmethod
     def small(cls, seed: int = 0) -> RepositoryConfig:
-        """A tiny repository (3 types x 4 domains + 4 adapters) that builds in a fraction of a second."""
+        """A tiny repository (3 types x 4 domains, 2 of them harmful, + 2 irrelevant adapters); it builds
+        in a fraction of a second."""
         return cls(
             seed=seed,
             n_types=3,
@@ -495,37 +497,36 @@ def _adapter_specs(config: RepositoryConfig, world: World) -> list[AdapterInfo]:
         return int(sizes[int(rng.integers(len(sizes)))])
 
     targets = _target_tasks(config, world)
-    # An in-domain target's task is low-resource: every adapter trained on it saw the smallest corpus.
+    target_tasks = {task.name for _, task in targets}
+    # An in-domain target's task is low-resource: its adapter saw the smallest corpus.
     low_resource = {task.name for kind, task in targets if kind == "id"}
-    specs = []
-    for type_name in world.type_names:
-        for domain_name in world.domain_names:
-            task = world.grid_task(type_name, domain_name)
-            n = size()
-            specs.append(AdapterInfo(task.name, "task", task, min(sizes) if task.name in low_resource else n))
-    used: set[str] = set()
+    # Harmful: the hub's only adapter for some task was trained with inverted labels. Each is tied to a
+    # target: another task of the target's domain (a conflicting annotation of the same corpus), else one
+    # of its type; never a target's own task.
+    harmful: set[str] = set()
     for h in range(config.harmful):
-        kind, task = targets[h % len(targets)]
+        _, task = targets[h % len(targets)]
         t = world.type_index(task.type_name or "")
         d = world.domain_index(task.domain)
-        # The target task itself (in-domain only: out-of-domain it would leak the target's data), then
-        # the target domain's other tasks (a conflicting annotation of the same corpus), then same-type ones.
-        options = [(t, d)] if kind == "id" else []
-        options += [((t + j) % config.n_types, d) for j in range(1, config.n_types)]
+        options = [((t + j) % config.n_types, d) for j in range(1, config.n_types)]
         options += [(t, (d + j) % config.n_domains) for j in range(1, config.n_domains)]
-        free = [
-            (tt, dd) for tt, dd in options if f"{world.type_names[tt]}/{world.domain_names[dd]}" not in used
-        ]
+        names = [f"{world.type_names[tt]}/{world.domain_names[dd]}" for tt, dd in options]
+        free = [n for n in names if n not in harmful and n not in target_tasks]
         if not free:
             raise ConfigError(
                 f"too many harmful adapters ({config.harmful}) for a {config.n_types}x{config.n_domains} grid"
             )
-        tt, dd = free[0]
-        name = f"{world.type_names[tt]}/{world.domain_names[dd]}"
-        used.add(name)
-        clone = world.grid_task(world.type_names[tt], world.domain_names[dd], inverted=True)
-        n = size()
-        specs.append(AdapterInfo(f"{name}#2", "harmful", clone, min(sizes) if name in low_resource else n))
+        harmful.add(free[0])
+    specs = []
+    for type_name in world.type_names:
+        for domain_name in world.domain_names:
+            task = world.grid_task(type_name, domain_name)
+            n = min(sizes) if task.name in low_resource else size()
+            if task.name in harmful:
+                inverted = world.grid_task(type_name, domain_name, inverted=True)
+                specs.append(AdapterInfo(task.name, "harmful", inverted, n))
+            else:
+                specs.append(AdapterInfo(task.name, "task", task, n))
     for i in range(config.irrelevant):
         domain = world.domain_names[i % config.n_domains]
         suffix = "" if i < config.n_domains else f"#{i // config.n_domains + 1}"

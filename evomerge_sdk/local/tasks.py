@@ -47,7 +47,7 @@ TYPE_NAMES = ("ner", "re", "et", "ee", "sc")
 """Task types after the paper's NER / RE / ET, plus event extraction and sentence classification."""
 DOMAIN_NAMES = (
     "news", "bio", "law", "fin", "med", "chem", "sport", "film", "music",
-    "food", "travel", "tech", "geo", "hist", "art", "game", "auto", "edu",
+    "food", "travel", "tech", "geo", "hist", "art", "game", "auto", "edu", "sci", "env",
 )  # fmt: skip
 LABEL_WORDS = ("red", "orange", "yellow", "green", "blue", "indigo", "violet", "gray")
 OFFGRID_MARKER = "tr:"
