@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import attrs
 import numpy as np
 import pytest
+import structlog
 from _resume_driver import SEARCH, run_search
 from aiohttp import web
 from evomerge_anthropic import AnthropicProvider
@@ -27,7 +29,7 @@ from evomerge_sdk.local.faults import FaultConfig, ServerLimits
 from evomerge_sdk.local.repository import Repository, RepositoryConfig, build_repository
 from evomerge_sdk.local.server import LocalService
 from evomerge_sdk.local.sessions import preset_id
-from evomerge_sdk.providers import ChatRequest
+from evomerge_sdk.providers import ChatRequest, Usage
 from evomerge_sdk.scheduler import Budget, ResponseCache, RetryPolicy, Scheduler
 from evomerge_sdk.service import MergeServiceClient
 
@@ -416,9 +418,17 @@ CLI: dict[str, tuple[list[str], str]] = {
 }
 
 
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """The CLI configures structlog to print to (pytest's captured) stderr: put the old config back."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
 @pytest.mark.parametrize("case", sorted(CLI))
 def test_bad_cli_arguments_exit_2_with_one_clear_line(
-    case: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    case: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, restore_logging: None
 ) -> None:
     monkeypatch.delenv("EVOMERGE_API_KEY", raising=False)
     argv, needle = CLI[case]
@@ -444,7 +454,9 @@ async def test_an_objective_that_answers_the_wrong_count_is_named() -> None:
     assert issubclass(BadResponse, EvomergeError) and issubclass(ConfigError, EvomergeError)
 
 
-def test_a_port_in_use_is_a_clear_cli_error(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_port_in_use_is_a_clear_cli_error(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
     import socket
 
     with socket.socket() as taken:
@@ -454,3 +466,30 @@ def test_a_port_in_use_is_a_clear_cli_error(capsys: pytest.CaptureFixture[str]) 
         code = cli_main(["serve-local", "--small", "--pool-sizes", "5", "--port", str(port)])
     err = capsys.readouterr().err
     assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err, err
+
+
+@pytest.mark.anyio
+async def test_a_broken_log_sink_never_hangs_the_cache(tmp_path: Path, restore_logging: None) -> None:
+    """A non-JSON value is logged by the cache's writer thread; a log stream that fails must not kill it."""
+    import io
+
+    dead = io.StringIO()
+    dead.close()
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(dead))
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    await cache.open()
+    try:
+        cache.put("bad", {"x": {1, 2}}, Usage())
+        cache.put("good", {"x": 1}, Usage())
+        with anyio.fail_after(30):
+            await cache.flush()
+        assert cache.write_errors == 1
+    finally:
+        with anyio.fail_after(30):
+            await cache.aclose()
+    reopened = ResponseCache(tmp_path / "c.sqlite")
+    await reopened.open()
+    try:
+        assert reopened.on_disk("good") and not reopened.on_disk("bad")
+    finally:
+        await reopened.aclose()

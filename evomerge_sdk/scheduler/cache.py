@@ -15,6 +15,7 @@ Cached values are shared between callers: treat them as read-only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -99,6 +100,12 @@ class CachedValue:
     usage: Usage
 
 
+def _safe_log(event: str, **fields: Any) -> None:
+    """Log from the writer thread; a broken log sink (a closed stream) must not kill the writer."""
+    with contextlib.suppress(Exception):  # nothing better to do with a log that cannot be written
+        _log.error(event, **fields)
+
+
 class _Writer(threading.Thread):
     """Owns the write connection; commits batches as they come; a `threading.Event` item is a flush mark."""
 
@@ -107,6 +114,7 @@ class _Writer(threading.Thread):
         self.path = path
         self.items: queue.SimpleQueue[tuple[str, Any, Usage] | threading.Event | None] = queue.SimpleQueue()
         self.errors = 0
+        self.stopped = threading.Event()
 
     def run(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None)
@@ -133,16 +141,21 @@ class _Writer(threading.Thread):
                         item = self.items.get_nowait()
                     except queue.Empty:
                         break
-                if batch:
-                    try:
-                        with conn:
-                            conn.executemany("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)", batch)
-                    except sqlite3.Error as exc:
-                        self.errors += len(batch)
-                        _log.error("cache_write_failed", rows=len(batch), error=repr(exc))
-                for mark in marks:
-                    mark.set()
+                try:
+                    if batch:
+                        try:
+                            with conn:
+                                conn.executemany(
+                                    "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)", batch
+                                )
+                        except sqlite3.Error as exc:
+                            self.errors += len(batch)
+                            _safe_log("cache_write_failed", rows=len(batch), error=repr(exc))
+                finally:  # a flush never waits for a mark nobody will set
+                    for mark in marks:
+                        mark.set()
         finally:
+            self.stopped.set()
             conn.close()
 
     def _row(self, item: tuple[str, Any, Usage]) -> tuple[str, str, int, int, int] | None:
@@ -151,7 +164,7 @@ class _Writer(threading.Thread):
             text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as exc:
             self.errors += 1
-            _log.error("cache_value_not_json", key=key[:16], error=f"{type(exc).__name__}: {exc}")
+            _safe_log("cache_value_not_json", key=key[:16], error=f"{type(exc).__name__}: {exc}")
             return None
         return key, text, usage.input_tokens, usage.output_tokens, usage.cached_tokens
 
@@ -263,9 +276,17 @@ class ResponseCache:
         """Wait until every result stored so far is committed to the SQLite file (a checkpoint)."""
         if self._writer is None:
             return
+        writer = self._writer
         mark = threading.Event()
-        self._writer.items.put(mark)
-        await anyio.to_thread.run_sync(mark.wait)
+        writer.items.put(mark)
+
+        def wait() -> None:
+            # Returns when the mark is set, or when the writer has stopped (it sets no more marks).
+            while not mark.wait(0.05):
+                if writer.stopped.is_set() or not writer.is_alive():
+                    return
+
+        await anyio.to_thread.run_sync(wait)
 
     async def aclose(self) -> None:
         """Commit what is pending and close the file (the memory layer stays usable)."""
