@@ -379,7 +379,8 @@ def test_minibatch_is_a_deterministic_subset_shared_by_a_generation() -> None:
     ctx = EvaluationContext(Split.VALIDATION, "stage2", 3, seed=1234, batch_size=60)
     first = ctx.minibatch(300)
     assert first is not None and first.size == 60 and len(set(first.tolist())) == 60
-    assert np.array_equal(first, ctx.minibatch(300))
+    again = ctx.minibatch(300)
+    assert again is not None and np.array_equal(first, again)
     assert np.all(np.diff(first) > 0) and first.max() < 300
     assert EvaluationContext(Split.VALIDATION, "stage2", 3, seed=1234).minibatch(300) is None
     assert ctx.minibatch(50) is None  # a batch larger than the split scores all of it
@@ -408,12 +409,23 @@ class MiniBatchPool:
         return [self.loss(c, chosen) for c in candidates]
 
 
-MINI = attrs.evolve(
-    SMALL,
+MINI_SCALE = StageConfig(
+    start="1/N", sigma=0.1, lower=-1.5, upper=1.5, popsize=8, max_evaluations=64, batch_size=40
+)
+MINI = SearchConfig(
     name="mini",
-    denoise=attrs.evolve(SMALL.denoise, batch_size=40, rescore_every=2),
-    scale=attrs.evolve(SMALL.scale, batch_size=40),
-    early_stopping=None,
+    denoise=StageConfig(
+        start=1.0,
+        sigma=0.2,
+        lower=0.0,
+        upper=1.0,
+        popsize=8,
+        max_evaluations=40,
+        batch_size=40,
+        rescore_every=2,
+    ),
+    scale=MINI_SCALE,
+    seed=4,
 )
 
 
@@ -448,6 +460,7 @@ async def test_minibatch_stage_scores_generations_on_a_batch_and_its_mean_on_the
 async def test_minibatch_search_reaches_the_full_batch_loss_for_fewer_examples(pool: SyntheticPool) -> None:
     # The same number of generations on a fifth of the examples: close to the full-batch search.
     full = await EvoMerge(pool, N, attrs.evolve(PAPER, early_stopping=None)).run()
+    assert PAPER.denoise is not None and PAPER.scale is not None
     mini_config = attrs.evolve(
         PAPER,
         early_stopping=None,
@@ -499,7 +512,7 @@ async def test_early_stopping_on_a_minibatch_stage_checks_the_rescored_mean(pool
     config = attrs.evolve(
         MINI,
         denoise=None,
-        scale=attrs.evolve(MINI.scale, rescore_every=2, max_evaluations=400),
+        scale=attrs.evolve(MINI_SCALE, rescore_every=2, max_evaluations=400),
         early_stopping=EarlyStopping(patience=4),
     )
     result = await EvoMerge(flat_held_out, N, config).run()
@@ -515,7 +528,7 @@ def test_sigma_scaling_and_minibatch_config_errors() -> None:
     assert stage.sigma_value(80) == pytest.approx(0.1)
     assert attrs.evolve(stage, sigma_scaling="none").sigma_value(80) == 0.2
     with pytest.raises(ConfigError, match="sigma_scaling"):
-        attrs.evolve(stage, sigma_scaling="linear")
+        attrs.evolve(stage, sigma_scaling="linear")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="batch_size"):
         attrs.evolve(stage, batch_size=0)
     with pytest.raises(ConfigError, match="rescore_every"):

@@ -38,6 +38,7 @@ from .tasks import Examples
 __all__ = ["LocalObjective", "Usage"]
 
 FloatArray = NDArray[np.float64]
+IndexArray = NDArray[np.intp]
 SplitName = Literal["validation", "held_out", "test"]
 
 
@@ -135,11 +136,12 @@ class LocalObjective:
         if candidate.n != self.n_models:
             raise ConfigError(f"candidate has {candidate.n} models, the pool {self.n_models}")
 
-    def _example_losses(self, candidate: Candidate, examples: Examples) -> FloatArray:
+    def _example_losses(self, candidate: Candidate, examples: Examples, index: IndexArray) -> FloatArray:
+        """Cross-entropy of the gold answer of each example at `index`."""
         logprobs = self.repository.next_token_logprobs_ids(
-            self.weights(candidate), examples.ids, examples.lengths
+            self.weights(candidate), examples.ids[index], examples.lengths[index]
         )
-        out: FloatArray = -logprobs[np.arange(len(examples)), examples.labels]
+        out: FloatArray = -logprobs[np.arange(index.size), examples.labels[index]]
         return out
 
     async def __call__(self, candidates: Sequence[Candidate], context: EvaluationContext, /) -> list[float]:
@@ -155,7 +157,7 @@ class LocalObjective:
         index = np.arange(n) if chosen is None else np.asarray(chosen, dtype=np.intp)
         # Which examples each candidate still needs, and what they cost, before anything is scored.
         rows: list[FloatArray | None] = []
-        missing: list[NDArray[np.intp]] = []
+        missing: list[IndexArray] = []
         for c in candidates:
             row = self._cache.get((context.split, c.key())) if self.cache_size else None
             rows.append(row)
@@ -171,7 +173,7 @@ class LocalObjective:
             if row is None:
                 row = np.full(n, np.nan)
             if need.size:
-                row[need] = self._example_losses(c, examples.subset(need))
+                row[need] = self._example_losses(c, examples, need)
             if self.cache_size:
                 self._remember((context.split, c.key()), row)
             out.append(float(row[index].mean()))

@@ -1,0 +1,276 @@
+"""Quality: the shape of the paper's main and ablation tables, on the embedded repository.
+
+Rows: Evo-Merging with the SDK's default preset and with the paper's protocol; the best single adapter of
+the pool and the uniform merge; white-box Task Arithmetic, TIES and DARE (their hyper-parameters chosen on
+the validation split from a small grid, as the paper chose its baselines'); a LoRAHub-style search;
+random search; and the paper's three ablations of the full method (no denoising, no scaling, no negative
+betas), which get the full method's budget (a dropped stage's evaluations go to the stage that is kept).
+Every row runs on the same repositories, targets, pools and seeds, and is chosen on validation data only.
+
+Columns: every target of the repository (4 out-of-domain, 4 in-domain), and the averages, of the metric on
+the targets' held-out *test* prompts (1,000 per target, never seen by any selection): accuracy (the most
+likely answer within the label set) by default, or macro-F1 with `--metric f1`; mean and standard
+deviation over seeds. A seed picks the repository (its world and weights), the pool and the search seed.
+Also the cost of each row: queries (one example scored by one candidate; white-box rows pay one
+validation pass per grid point) and tokens (prompt + answer token of every example scored), per search.
+
+    python benchmarks/quality.py --quick   # pool 20, seed 0, two OOD and one ID target (< 60 s)
+    python benchmarks/quality.py           # pools 20 and 100, seeds 0-4, every target (background it)
+
+The last line printed is one JSON object mapping each row to its average held-out (test) metric over the
+out-of-domain targets, in percent (averaged over the pools when there are several; each pool's own line
+is printed under its table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import anyio
+import attrs
+import numpy as np
+
+from evomerge_sdk.engine.baselines import best_single, random_search, uniform_merge
+from evomerge_sdk.engine.objective import Candidate
+from evomerge_sdk.engine.search import (
+    DEFAULT,
+    LORAHUB,
+    PAPER,
+    EvoMerge,
+    SearchConfig,
+    SearchResult,
+    ablations,
+)
+from evomerge_sdk.local import whitebox
+from evomerge_sdk.local.objective import LocalObjective
+from evomerge_sdk.local.repository import Repository, RepositoryConfig, Target, build_repository
+
+ROWS: dict[str, str] = {
+    "evo_default": "Evo-Merging (default preset)",
+    "evo_paper": "Evo-Merging (paper protocol)",
+    "best_single": "best single adapter",
+    "uniform": "uniform merge",
+    "task_arithmetic": "Task Arithmetic (white-box)",
+    "ties": "TIES (white-box)",
+    "dare": "DARE (white-box)",
+    "lorahub": "LoRAHub-style",
+    "random_search": "random search",
+    "no_denoising": "Evo-Merging w/o denoising",
+    "no_scaling": "Evo-Merging w/o scaling",
+    "no_negative_betas": "Evo-Merging w/o negative betas",
+}
+RANDOM_SEARCH_EVALUATIONS = 1200
+"""Random search gets the paper protocol's budget."""
+
+
+def search_rows() -> dict[str, SearchConfig]:
+    """The configs of the search rows; the ablations are of the default preset, at its budget."""
+    return {
+        "evo_default": DEFAULT,
+        "evo_paper": PAPER,
+        "lorahub": LORAHUB,
+        **ablations(DEFAULT, keep_budget=True),
+    }
+
+
+@attrs.frozen
+class Row:
+    """One method on one case: test metrics, validation loss and cost."""
+
+    accuracy: float
+    f1: float
+    test_loss: float
+    validation_loss: float
+    queries: int
+    tokens: int
+    seconds: float
+
+
+Runner = Callable[[LocalObjective], Awaitable[SearchResult]]
+
+
+def measure(objective: LocalObjective, candidate: Candidate, started: float) -> Row:
+    """Test metrics and validation loss of a merge (not counted as queries), with what it cost."""
+    test = objective.metrics(candidate, "test")
+    return Row(
+        accuracy=100 * test.accuracy,
+        f1=100 * test.macro_f1,
+        test_loss=test.loss,
+        validation_loss=objective.metrics(candidate, "validation").loss,
+        queries=objective.queries,
+        tokens=objective.tokens,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def whitebox_row(repo: Repository, pool: Sequence[str], target: Target, method: str, seed: int) -> Row:
+    """A white-box merge tuned on validation loss; each grid point costs one validation pass."""
+    started = time.perf_counter()
+    vectors = whitebox.TaskVectors(repo, pool)
+    tuned = whitebox.tune(vectors, method, target.validation, seed=seed)
+    points = len(whitebox.default_grid(method, len(pool)))
+    test = repo.evaluate(tuned.weights, target.test)
+    return Row(
+        accuracy=100 * test.accuracy,
+        f1=100 * test.macro_f1,
+        test_loss=test.loss,
+        validation_loss=tuned.validation.loss,
+        queries=points * len(target.validation),
+        tokens=points * int((target.validation.lengths + 1).sum()),
+        seconds=time.perf_counter() - started,
+    )
+
+
+async def run_case(
+    repo: Repository, target: Target, size: int, seed: int, rows: Sequence[str]
+) -> dict[str, Row]:
+    """Every requested row on one (target, pool size, seed)."""
+    pool = repo.pool(target, size, seed)
+    n = len(pool)
+    configs = search_rows()
+    runners: dict[str, Runner] = {
+        "best_single": lambda obj: best_single(obj, n),
+        "uniform": lambda obj: uniform_merge(obj, n),
+        "random_search": lambda obj: random_search(
+            obj, n, max_evaluations=RANDOM_SEARCH_EVALUATIONS, seed=seed
+        ),
+    }
+
+    def evo(config: SearchConfig) -> Runner:
+        return lambda obj: EvoMerge(obj, n, attrs.evolve(config, seed=seed)).run()
+
+    runners |= {name: evo(config) for name, config in configs.items()}
+    out: dict[str, Row] = {}
+    for name in rows:
+        if name in ("task_arithmetic", "ties", "dare"):
+            out[name] = whitebox_row(repo, pool, target, name, seed)
+            continue
+        started = time.perf_counter()
+        objective = LocalObjective(repo, pool, target)
+        result = await runners[name](objective)
+        out[name] = measure(objective, result.candidate, started)
+    return out
+
+
+def run_job(job: tuple[int, str, int, tuple[str, ...]]) -> tuple[int, str, int, dict[str, dict[str, Any]]]:
+    """One case in a worker process (repositories come from the build cache after the first build)."""
+    seed, target_name, size, rows = job
+    repo = build_repository(RepositoryConfig(seed=seed))
+    result = anyio.run(run_case, repo, repo.target(target_name), size, seed, rows)
+    return seed, target_name, size, {k: attrs.asdict(v) for k, v in result.items()}
+
+
+# -- tables ---------------------------------------------------------------------------------------------
+def mean_sd(values: Sequence[float]) -> str:
+    """'mean ± sd' (sample sd; a single value shows no sd)."""
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def table(
+    cases: list[dict[str, Any]], size: int, metric: str, rows: Sequence[str]
+) -> tuple[str, dict[str, float]]:
+    """Markdown table for one pool size, and each row's mean OOD average."""
+    mine = [c for c in cases if c["pool"] == size]
+    seeds = sorted({c["seed"] for c in mine})
+    targets = sorted({(c["kind"] != "ood", c["target"]) for c in mine})
+    names = [t for _, t in targets]
+    kinds = {c["target"]: c["kind"] for c in mine}
+    by = {(c["seed"], c["target"]): c["rows"] for c in mine}
+    head = ["method", *names, "OOD avg", "ID avg", "queries", "tokens"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    ood_avg: dict[str, float] = {}
+    for row in rows:
+        cells = [ROWS[row]]
+        for t in names:
+            cells.append(mean_sd([by[(s, t)][row][metric] for s in seeds if (s, t) in by]))
+        for kind in ("ood", "id"):
+            per_seed = [
+                statistics.fmean(by[(s, t)][row][metric] for t in names if kinds[t] == kind and (s, t) in by)
+                for s in seeds
+                if any(kinds[t] == kind and (s, t) in by for t in names)
+            ]
+            cells.append(mean_sd(per_seed) if per_seed else "-")
+            if kind == "ood" and per_seed:
+                ood_avg[row] = round(statistics.fmean(per_seed), 2)
+        every = [by[(s, t)][row] for s in seeds for t in names if (s, t) in by]
+        cells.append(f"{statistics.fmean(r['queries'] for r in every):,.0f}")
+        cells.append(f"{statistics.fmean(r['tokens'] for r in every):,.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines), ood_avg
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="pool 20, seed 0, three targets (< 60 s)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--pools", type=int, nargs="+", default=None)
+    parser.add_argument("--targets", nargs="+", default=None, help="target names (default: all)")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--metric", choices=["accuracy", "f1"], default="accuracy")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes")
+    parser.add_argument("--out", default=None, help="write every case as JSON here")
+    args = parser.parse_args()
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2, 3, 4])
+    pools = args.pools or ([20] if args.quick else [20, 100])
+    started = time.perf_counter()
+    repos = {s: build_repository(RepositoryConfig(seed=s)) for s in seeds}  # fill the build cache once
+    all_targets = repos[seeds[0]].targets()
+    if args.targets:
+        targets = [repos[seeds[0]].target(t) for t in args.targets]
+    elif args.quick:
+        targets = [t for t in all_targets if t.kind == "ood"][:2] + [
+            t for t in all_targets if t.kind == "id"
+        ][:1]
+    else:
+        targets = list(all_targets)
+    jobs = [(s, t.name, p, tuple(args.rows)) for p in pools for s in seeds for t in targets]
+    print(f"{len(jobs)} cases: pools {pools}, seeds {seeds}, targets {[t.name for t in targets]}", flush=True)
+    cases: list[dict[str, Any]] = []
+    kinds = {t.name: t.kind for t in all_targets}
+
+    def collect(done: tuple[int, str, int, dict[str, dict[str, Any]]]) -> None:
+        seed, target, size, rows = done
+        cases.append({"seed": seed, "target": target, "kind": kinds[target], "pool": size, "rows": rows})
+        accs = {k: round(v[args.metric], 1) for k, v in rows.items()}
+        print(f"  seed {seed} {target} pool {size}: {accs}", flush=True)
+
+    if args.jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as workers:
+            for done in workers.imap_unordered(run_job, jobs):
+                collect(done)
+    else:
+        for job in jobs:
+            collect(run_job(job))
+    elapsed = time.perf_counter() - started
+    label = "accuracy" if args.metric == "accuracy" else "macro-F1"
+    per_pool: dict[int, dict[str, float]] = {}
+    for size in pools:
+        text, per_pool[size] = table(cases, size, args.metric, args.rows)
+        print(f"\npool of {size} adapters: test {label} (%), mean ± sd over {len(seeds)} seed(s)\n")
+        print(text)
+        print(f"OOD averages, pool {size}: " + json.dumps(per_pool[size], separators=(",", ":")))
+    # The last line: each row's OOD average, over the pools when there are several.
+    summary = {row: round(statistics.fmean(p[row] for p in per_pool.values()), 2) for row in args.rows}
+    print(
+        f"\n{platform.machine()}, Python {platform.python_version()}, numpy {np.__version__}, {elapsed:.0f} s"
+    )
+    if args.out:
+        Path(args.out).write_text(json.dumps({"metric": args.metric, "cases": cases}, indent=1))
+    print(json.dumps(summary, separators=(",", ":")))
+
+
+if __name__ == "__main__":
+    main()
