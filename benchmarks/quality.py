@@ -95,6 +95,8 @@ class Row:
     queries: int
     tokens: int
     seconds: float
+    alpha_by_role: dict[str, float] | None = None
+    beta_by_role: dict[str, float] | None = None
 
 
 Runner = Callable[[LocalObjective], Awaitable[SearchResult]]
@@ -159,8 +161,24 @@ async def run_case(
         started = time.perf_counter()
         objective = LocalObjective(repo, pool, target)
         result = await runners[name](objective)
-        out[name] = measure(objective, result.candidate, started)
+        row = measure(objective, result.candidate, started)
+        if name in ("evo_default", "evo_paper"):
+            # Where the coefficients went, by what each adapter is to the target (denoising's evidence).
+            row = attrs.evolve(
+                row,
+                alpha_by_role=by_role(repo, target, pool, result.alpha),
+                beta_by_role=by_role(repo, target, pool, result.beta),
+            )
+        out[name] = row
     return out
+
+
+def by_role(repo: Repository, target: Target, pool: Sequence[str], values: np.ndarray) -> dict[str, float]:
+    """Mean of one coefficient per pool adapter, by the adapter's role towards the target."""
+    groups: dict[str, list[float]] = {}
+    for name, value in zip(pool, values, strict=True):
+        groups.setdefault(repo.role(name, target), []).append(float(value))
+    return {role: round(statistics.fmean(v), 4) for role, v in sorted(groups.items())}
 
 
 def run_job(job: tuple[int, str, int, tuple[str, ...]]) -> tuple[int, str, int, dict[str, dict[str, Any]]]:
@@ -210,6 +228,17 @@ def table(
         cells.append(f"{statistics.fmean(r['tokens'] for r in every):,.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines), ood_avg
+
+
+def role_means(cases: list[dict[str, Any]], size: int, row: str, key: str) -> dict[str, float]:
+    """A coefficient's mean by adapter role over every case of one pool size."""
+    groups: dict[str, list[float]] = {}
+    for case in cases:
+        found = case["rows"].get(row)
+        if case["pool"] == size and found and found[key]:
+            for role, value in found[key].items():
+                groups.setdefault(role, []).append(value)
+    return {role: round(statistics.fmean(v), 3) for role, v in sorted(groups.items())}
 
 
 def main() -> None:
@@ -262,6 +291,11 @@ def main() -> None:
         print(f"\npool of {size} adapters: test {label} (%), mean ± sd over {len(seeds)} seed(s)\n")
         print(text)
         print(f"OOD averages, pool {size}: " + json.dumps(per_pool[size], separators=(",", ":")))
+    for size in pools:
+        for row in ("evo_default", "evo_paper"):
+            for coef in ("alpha_by_role", "beta_by_role"):
+                means = role_means(cases, size, row, coef)
+                print(f"{ROWS[row]}, pool {size}, mean {coef.replace('_', ' ')}: {means}")
     # The last line: each row's OOD average, over the pools when there are several.
     summary = {row: round(statistics.fmean(p[row] for p in per_pool.values()), 2) for row in args.rows}
     print(

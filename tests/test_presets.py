@@ -29,8 +29,11 @@ def test_default_preset_is_a_minibatch_search_sized_for_any_pool() -> None:
     assert s.sigma_scaling == "sqrt" and s.start == "1/N" and (s.lower, s.upper) == (-1.5, 1.5)
     assert s.sigma_value(20) == pytest.approx(s.sigma) and s.sigma_value(100) < s.sigma / 2
     assert d.use_diagonal(100) and s.use_diagonal(100) and not s.use_diagonal(20)
-    # Generations on 30 examples each, then the CMA mean once per stage on all 300 (the paper's split).
-    queries = (d.max_evaluations + s.max_evaluations) * 30 + 2 * 300
+    # Generations on 30 examples each, and the CMA mean on all 300 (the paper's split) every 10th
+    # generation and at the end of each stage.
+    assert d.rescore_every == s.rescore_every == 10
+    rescores = d.max_evaluations // 200 + 1 + s.max_evaluations // 200 + 1
+    queries = (d.max_evaluations + s.max_evaluations) * 30 + rescores * 300
     # A quarter of the paper protocol's ~200,000 when its early stopping fires (benchmarks/cost.py).
     assert queries <= 0.25 * 200_000
     assert DEFAULT.early_stopping is None
