@@ -537,3 +537,25 @@ def test_sigma_scaling_and_minibatch_config_errors() -> None:
         attrs.evolve(MINI, early_stopping=EarlyStopping(patience=5))
     assert attrs.evolve(MINI, early_stopping=EarlyStopping(patience=2), scale=None).denoise is not None
     assert SearchConfig.from_dict(json.loads(json.dumps(MINI.to_dict()))) == MINI
+
+
+@pytest.mark.anyio
+async def test_progress_carries_the_incumbent_and_the_merge_at_the_cma_mean(pool: SyntheticPool) -> None:
+    seen: list[Progress] = []
+    result = await EvoMerge(MiniBatchPool(pool), N, MINI, on_progress=seen.append).run()
+    denoise = [p for p in seen if p.stage == "denoise"]
+    scale = [p for p in seen if p.stage == "scale"]
+    assert denoise[0].candidate is None  # nothing scored on the whole split yet
+    for p in seen:
+        assert p.mean_candidate is not None
+        searched = p.mean_candidate.alpha if p.stage == "denoise" else p.mean_candidate.beta
+        np.testing.assert_array_equal(searched, p.mean)
+    for p in scale:
+        assert p.mean_candidate is not None and p.candidate is not None
+        np.testing.assert_array_equal(p.mean_candidate.alpha, result.stages[0].candidate.alpha)
+        assert p.best_loss == obj_loss(pool, p.candidate)
+    assert all(np.array_equal(p.mean_candidate.beta, np.full(N, 1 / N)) for p in denoise if p.mean_candidate)
+
+
+def obj_loss(pool: SyntheticPool, candidate: Candidate) -> float:
+    return MiniBatchPool(pool).loss(candidate, np.arange(200))
