@@ -31,11 +31,14 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Measure this checkout's package, whichever copy of it is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import anyio
 import attrs

@@ -30,12 +30,15 @@ import multiprocessing
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Measure this checkout's package, whichever copy of it is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import anyio
 import attrs
