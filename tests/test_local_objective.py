@@ -9,7 +9,7 @@ import pytest
 from evomerge_sdk.engine import Candidate, EvaluationContext, EvoMerge, SearchConfig, Split, StageConfig
 from evomerge_sdk.engine.cmaes import StopReason
 from evomerge_sdk.errors import BudgetExceeded, ConfigError
-from evomerge_sdk.local.objective import LocalObjective, Usage
+from evomerge_sdk.local.objective import LocalObjective, ObjectiveUsage
 from evomerge_sdk.local.repository import Repository, RepositoryConfig, build_repository
 
 
@@ -43,7 +43,7 @@ async def test_losses_are_the_repository_loss_and_usage_counts_examples_and_toke
         assert loss == pytest.approx(expected, rel=1e-12)
     n_val = len(target.validation)
     val_tokens = int((target.validation.lengths + 1).sum())
-    assert obj.usage == Usage(queries=3 * n_val, tokens=3 * val_tokens, evaluations=3, cached=0)
+    assert obj.usage == ObjectiveUsage(queries=3 * n_val, tokens=3 * val_tokens, evaluations=3, cached=0)
     held = await obj(cands[:1], ctx(Split.HELD_OUT))
     assert held[0] == pytest.approx(repo.evaluate(obj.weights(cands[0]), target.holdout).loss, rel=1e-12)
     assert obj.queries == 3 * n_val + len(target.holdout)
@@ -86,7 +86,7 @@ async def test_budget_refuses_a_call_before_scoring_and_the_search_stops_cleanly
     await obj(candidates(6, 2), ctx())
     with pytest.raises(BudgetExceeded) as info:
         await obj(candidates(6, 1, seed=1), ctx())
-    assert isinstance(info.value.spent, Usage) and info.value.spent.queries == 2 * n_val
+    assert isinstance(info.value.spent, ObjectiveUsage) and info.value.spent.queries == 2 * n_val
     assert obj.queries == 2 * n_val  # nothing was scored
     config = SearchConfig(
         name="tiny",

@@ -35,7 +35,7 @@ from .model import ModelWeights
 from .repository import Repository, Target
 from .tasks import Examples
 
-__all__ = ["LocalObjective", "Usage"]
+__all__ = ["LocalObjective", "ObjectiveUsage"]
 
 FloatArray = NDArray[np.float64]
 IndexArray = NDArray[np.intp]
@@ -43,7 +43,7 @@ SplitName = Literal["validation", "held_out", "test"]
 
 
 @attrs.frozen
-class Usage:
+class ObjectiveUsage:
     """What a `LocalObjective` has spent: examples scored (`queries`), their tokens, the candidates it
     was asked to score (`evaluations`) and the examples it served from its cache (`cached`)."""
 
@@ -88,7 +88,7 @@ class LocalObjective:
         # Tokens of one example: its prompt plus the one answer token it is scored on.
         self._example_tokens = {s: (e.lengths + 1).astype(np.int64) for s, e in self._splits.items()}
         self._cache: dict[tuple[Split, bytes], FloatArray] = {}
-        self._usage = Usage()
+        self._usage = ObjectiveUsage()
 
     @property
     def n_models(self) -> int:
@@ -96,7 +96,7 @@ class LocalObjective:
         return len(self.pool)
 
     @property
-    def usage(self) -> Usage:
+    def usage(self) -> ObjectiveUsage:
         """Everything spent so far."""
         return self._usage
 
@@ -177,7 +177,7 @@ class LocalObjective:
             if self.cache_size:
                 self._remember((context.split, c.key()), row)
             out.append(float(row[index].mean()))
-        self._usage = Usage(
+        self._usage = ObjectiveUsage(
             queries=self._usage.queries + queries,
             tokens=self._usage.tokens + int(sum(int(tokens[m].sum()) for m in missing)),
             evaluations=self._usage.evaluations + len(candidates),
