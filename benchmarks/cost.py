@@ -17,6 +17,12 @@ minibatch stages that is the CMA mean re-scored on the whole split, measured out
 
     python benchmarks/cost.py --quick   # seed 0 (< 60 s)
     python benchmarks/cost.py           # seeds 0-4
+    python benchmarks/cost.py --ideas   # which cost ideas pay (seeds 0-2, pools 20 and 100)
+
+`--ideas` runs the default preset with one idea changed at a time, at about the same query budget: no
+minibatch, no sigma scaling, the CMA mean re-scored only at the end of a stage, held-out early stopping,
+a warm start from Task Arithmetic's lambda, minibatches of 60. It also reports what the objective's
+per-example cache saved.
 
 The last line is one JSON object: `query_ratio` (default / paper queries) and `loss_gap` ((default -
 paper) / paper validation loss), each the median over targets of the per-target means over seeds; the
@@ -44,7 +50,8 @@ import anyio
 import attrs
 import numpy as np
 
-from evomerge_sdk.engine.search import DEFAULT, PAPER, EvoMerge, Progress, SearchConfig
+from evomerge_sdk.engine.baselines import task_arithmetic
+from evomerge_sdk.engine.search import DEFAULT, PAPER, EarlyStopping, EvoMerge, Progress, SearchConfig
 from evomerge_sdk.local.objective import LocalObjective
 from evomerge_sdk.local.repository import Repository, RepositoryConfig, Target, build_repository
 
@@ -129,14 +136,115 @@ def plot(runs: list[dict[str, Any]], targets: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+# -- which cost ideas pay: the default preset with one idea changed at a time ------------------------------
+def idea_variants() -> dict[str, tuple[str, SearchConfig]]:
+    """Variants of the default preset at about its query budget (44,400), one idea changed each."""
+    d, s = DEFAULT.denoise, DEFAULT.scale
+    assert d is not None and s is not None
+
+    def both(**changes: Any) -> SearchConfig:
+        return attrs.evolve(DEFAULT, denoise=attrs.evolve(d, **changes), scale=attrs.evolve(s, **changes))
+
+    return {
+        "default": ("the default preset", DEFAULT),
+        "full_batch": (
+            "no minibatch: all 300 examples per evaluation, 140 evaluations",
+            attrs.evolve(
+                DEFAULT,
+                denoise=attrs.evolve(d, batch_size=None, max_evaluations=20),
+                scale=attrs.evolve(s, batch_size=None, max_evaluations=120),
+            ),
+        ),
+        "no_sigma_scaling": ("stage-2 sigma 0.07 for any pool size", both(sigma_scaling="none")),
+        "mean_at_end_only": ("CMA mean re-scored only at the end of each stage", both(rescore_every=0)),
+        "early_stopping": (
+            "+ held-out early stopping (patience 20, mean re-scored every 5th generation)",
+            attrs.evolve(both(rescore_every=5), early_stopping=EarlyStopping(patience=20)),
+        ),
+        "warm_start": ("+ warm start: stage 2 from Task Arithmetic's lambda (11 full evaluations)", DEFAULT),
+        "batch_60": (
+            "minibatches of 60, half the evaluations",
+            attrs.evolve(
+                DEFAULT,
+                denoise=attrs.evolve(d, batch_size=60, max_evaluations=80),
+                scale=attrs.evolve(s, batch_size=60, max_evaluations=620),
+            ),
+        ),
+    }
+
+
+async def run_idea(repo: Repository, target: Target, size: int, seed: int, name: str) -> dict[str, float]:
+    """One variant on one case: final validation and test loss, test accuracy, queries, tokens."""
+    pool = repo.pool(target, size, seed)
+    objective = LocalObjective(repo, pool, target)
+    config = attrs.evolve(idea_variants()[name][1], seed=seed)
+    if name == "warm_start":
+        assert config.scale is not None
+        lam = float((await task_arithmetic(objective, len(pool))).beta[0])
+        # Pay for the warm start out of stage 2's budget, in whole generations of 30-example evaluations.
+        pop = config.scale.popsize or 20
+        spent = -(-objective.queries // (30 * pop)) * pop
+        scale = attrs.evolve(config.scale, start=lam, max_evaluations=config.scale.max_evaluations - spent)
+        config = attrs.evolve(config, scale=scale)
+    result = await EvoMerge(objective, len(pool), config).run()
+    test = objective.metrics(result.candidate, "test")
+    return {
+        "validation_loss": result.loss,
+        "test_loss": test.loss,
+        "test_accuracy": 100 * test.accuracy,
+        "queries": objective.queries,
+        "tokens": objective.tokens,
+        "cached": objective.usage.cached,
+    }
+
+
+def ideas(args: argparse.Namespace) -> None:
+    """Print, per pool size, every variant's means over the OOD targets and seeds; JSON last."""
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    pools = [20] if args.quick else [20, args.pool]
+    variants = idea_variants()
+    rows: dict[tuple[int, str], list[dict[str, float]]] = {}
+    for seed in seeds:
+        repo = build_repository(RepositoryConfig(seed=seed))
+        for target in [t for t in repo.targets() if t.kind == "ood"]:
+            for size in pools:
+                for name in variants:
+                    rows.setdefault((size, name), []).append(
+                        anyio.run(run_idea, repo, target, size, seed, name)
+                    )
+            print(f"seed {seed} {target.name} done", flush=True)
+    summary: dict[str, dict[str, list[float]]] = {}
+    for size in pools:
+        print(f"\npool of {size} adapters, OOD targets, mean over targets and {len(seeds)} seed(s)\n")
+        print("| variant | validation loss | test loss | test accuracy % | queries | tokens | cached |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for name, (label, _) in variants.items():
+            got = rows[(size, name)]
+            m = {k: statistics.fmean(r[k] for r in got) for k in got[0]}
+            print(
+                f"| {label} | {m['validation_loss']:.4f} | {m['test_loss']:.4f} | {m['test_accuracy']:.1f} | "
+                f"{m['queries']:,.0f} | {m['tokens']:,.0f} | {m['cached']:,.0f} |"
+            )
+            summary.setdefault(str(size), {})[name] = [round(m["validation_loss"], 4), round(m["queries"])]
+    print(json.dumps(summary, separators=(",", ":")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="seed 0 only (< 60 s)")
+    parser.add_argument(
+        "--ideas",
+        action="store_true",
+        help="which cost ideas pay: variants of the default preset (pools 20, 100)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--pool", type=int, default=100, help="pool size (100+ adapters)")
     parser.add_argument("--plot", default=str(PLOT), help="where the PNG goes ('' for none)")
     parser.add_argument("--out", default=None, help="write every run as JSON here")
     args = parser.parse_args()
+    if args.ideas:
+        ideas(args)
+        return
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2, 3, 4])
     started = time.perf_counter()
     runs: list[dict[str, Any]] = []
