@@ -48,6 +48,9 @@ class InProcess:
 
     async def __call__(self, cands: Sequence[Candidate], context: EvaluationContext) -> list[float]:
         examples = self.target.validation if context.split is Split.VALIDATION else self.target.holdout
+        batch = context.minibatch(len(examples))
+        if batch is not None:
+            examples = examples.subset(batch)
         return [self.repo.evaluate(self.merger.merge(c.alpha, c.beta), examples).loss for c in cands]
 
 
