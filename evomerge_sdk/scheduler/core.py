@@ -58,6 +58,8 @@ from .tokens import TokenCounter
 
 __all__ = ["CallResult", "Outcome", "Scheduler"]
 
+_DEFAULT_LOG = structlog.get_logger("evomerge_sdk.scheduler")
+
 # Errors after which the API did no billable work: the reservation is released, not charged.
 _NOT_SERVED = (RateLimited, ServerError, AuthenticationError, InvalidRequest)
 
@@ -173,7 +175,7 @@ class Scheduler:
             raise ConfigError(f"tokens must be a TokenCounter, got {tokens!r}")
         self._tokens = tokens or TokenCounter()
         self._log_prompts = bool(log_prompts)
-        self._log = logger if logger is not None else structlog.get_logger("evomerge_sdk.scheduler")
+        self._log = logger if logger is not None else _DEFAULT_LOG
         self._metrics = Metrics()
         self._inflight: dict[str, _Flight] = {}
         self._open = False
@@ -508,7 +510,14 @@ def _native_timeout() -> Callable[[float], AbstractAsyncContextManager[Any]] | N
 
 
 def _debug_enabled(log: Any) -> bool:
-    """Whether per-request debug events would be emitted (decided when the scheduler opens)."""
+    """Whether per-request debug events would be emitted (decided when the scheduler opens).
+
+    structlog's unconfigured default prints every level to stdout; a library must not flood an
+    application that never asked for its debug events, so they need an explicit structlog configuration
+    (or a logger passed in).
+    """
+    if log is _DEFAULT_LOG and not structlog.is_configured():
+        return False
     try:
         bound = log.bind()
         check = getattr(bound, "is_enabled_for", None) or getattr(bound, "isEnabledFor", None)
