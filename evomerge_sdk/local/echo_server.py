@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextvars
 import hashlib
+import hmac
 import ipaddress
 import json
 import re
@@ -184,7 +185,8 @@ class EchoServer:
         return await self.tokens.acount_request(req) + req.max_tokens
 
     async def _chat(self, request: web.Request) -> web.Response:
-        if self._api_key is not None and request.headers.get("Authorization") != f"Bearer {self._api_key}":
+        given = request.headers.get("Authorization", "").encode()
+        if self._api_key is not None and not hmac.compare_digest(given, f"Bearer {self._api_key}".encode()):
             return web.json_response(
                 {
                     "error": {
