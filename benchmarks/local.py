@@ -2,11 +2,14 @@
 
 For targets of the embedded repository, pools of 20 and 100 adapters and several seeds, this scores on
 the targets' *test* prompts (never seen by any selection): the best single adapter of the pool (chosen on
-validation loss), the uniform merge, the white-box Task Arithmetic / TIES / DARE (hyper-parameters tuned on
-validation loss), a LoRAHub-style search, the paper's Evo-Merging protocol and its three ablations, the
-SDK's default search, and, for reference, the target's own specialist adapter (in the pool for in-domain
-targets, never for out-of-domain ones). Every search uses the engine (`evomerge_sdk.engine`) on the
-repository's validation loss, with early stopping on its held-out split where the preset asks for it.
+validation loss), the uniform merge, the white-box Task Arithmetic / TIES / DARE (hyper-parameters tuned
+on validation loss), a LoRAHub-style search, the paper's Evo-Merging protocol, the SDK's default search,
+in full mode also the paper protocol's three ablations and the default search's denoising and
+negative-beta ablations, and, for reference, the target's own specialist adapter (in the pool for
+in-domain targets, never for out-of-domain ones).
+Every search runs the engine (`evomerge_sdk.engine`) on `evomerge_sdk.local.objective.LocalObjective`:
+the repository's validation loss, minibatches where the preset asks for them, the held-out split for
+early stopping.
 
 It also measures the repository itself: an uncached build of the default 110-adapter repository, and
 one evaluation (merge of the three LoRA pairs + forward pass and metrics on 300 validation prompts) at
@@ -36,10 +39,9 @@ import attrs
 import numpy as np
 
 from evomerge_sdk.engine.baselines import best_single, uniform_merge
-from evomerge_sdk.engine.objective import Candidate, EvaluationContext, Split
 from evomerge_sdk.engine.search import DEFAULT, LORAHUB, PAPER, EvoMerge, SearchConfig, ablations
 from evomerge_sdk.local import whitebox
-from evomerge_sdk.local.merge import PoolMerger
+from evomerge_sdk.local.objective import LocalObjective
 from evomerge_sdk.local.repository import Repository, RepositoryConfig, Target, build_repository
 
 METHODS = (
@@ -55,24 +57,9 @@ METHODS = (
     "paper/no_scaling",
     "paper/no_negative_betas",
     "evo_default",
+    "default/no_denoising",
+    "default/no_negative_betas",
 )
-
-
-class RepositoryObjective:
-    """The provider-side objective: each candidate's merged model, mean cross-entropy on the split."""
-
-    def __init__(self, repository: Repository, merger: PoolMerger, target: Target) -> None:
-        self.repository = repository
-        self.merger = merger
-        self.target = target
-        self.evaluations = 0
-
-    async def __call__(self, candidates: Sequence[Candidate], context: EvaluationContext) -> list[float]:
-        examples = self.target.validation if context.split is Split.VALIDATION else self.target.holdout
-        self.evaluations += len(candidates)
-        return [
-            self.repository.evaluate(self.merger.merge(c.alpha, c.beta), examples).loss for c in candidates
-        ]
 
 
 def measure_build(seed: int) -> float:
@@ -114,8 +101,8 @@ async def run_case(
 ) -> dict[str, Any]:
     """Every method on one (target, pool size, seed); test accuracy and macro-F1 per method."""
     pool = repository.pool(target, size, seed)
-    merger = repository.merger(pool)
-    objective = RepositoryObjective(repository, merger, target)
+    objective = LocalObjective(repository, pool, target)
+    merger = objective.merger
     n = len(pool)
     out: dict[str, Any] = {
         "target": target.name,
@@ -142,13 +129,15 @@ async def run_case(
         tuned = whitebox.tune(vectors, method, target.validation, seed=seed)
         record(method, tuned.weights, len(whitebox.default_grid(method, n)), {"params": tuned.params})
     searches: dict[str, SearchConfig] = {"lorahub": LORAHUB, "evo_paper": PAPER}
-    searches |= {f"paper/{k}": v for k, v in ablations(PAPER).items()}
+    searches["evo_default"] = DEFAULT
     if not quick:
-        searches["evo_default"] = DEFAULT
+        searches |= {f"paper/{k}": v for k, v in ablations(PAPER).items()}
+        ablated = ablations(DEFAULT)
+        searches |= {f"default/{k}": ablated[k] for k in ("no_denoising", "no_negative_betas")}
     for name, config in searches.items():
         result = await EvoMerge(objective, n, attrs.evolve(config, seed=seed)).run()
         extra: dict[str, Any] = {}
-        if name == "evo_paper":
+        if name in ("evo_paper", "evo_default"):
             extra["alpha_by_role"] = role_means(repository, target, pool, result.alpha)
             extra["beta_by_role"] = role_means(repository, target, pool, result.beta)
         record(
