@@ -239,7 +239,9 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--pool", type=int, default=100, help="pool size (100+ adapters)")
-    parser.add_argument("--plot", default=str(PLOT), help="where the PNG goes ('' for none)")
+    parser.add_argument(
+        "--plot", default=None, help=f"PNG path ('' for none; default {PLOT.name}, none with --quick)"
+    )
     parser.add_argument("--out", default=None, help="write every run as JSON here")
     args = parser.parse_args()
     if args.ideas:
@@ -300,9 +302,10 @@ def main() -> None:
         ratio = mean(t, "default", "queries") / mean(t, "paper", "queries")
         gap = mean(t, "default", "validation_loss") / mean(t, "paper", "validation_loss") - 1
         print(f"  {t}: {ratio:.3f}, {gap:+.4f}")
-    if args.plot:
-        plot(runs, targets, Path(args.plot))
-        print(f"plot: {args.plot}")
+    where = args.plot if args.plot is not None else ("" if args.quick else str(PLOT))
+    if where:
+        plot(runs, targets, Path(where))
+        print(f"plot: {where}")
     elapsed = time.perf_counter() - started
     print(
         f"{platform.machine()}, Python {platform.python_version()}, numpy {np.__version__}, {elapsed:.0f} s"
