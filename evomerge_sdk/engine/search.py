@@ -15,6 +15,11 @@ exception propagates, and the checkpoint of the last complete generation lets th
 Stage 2 starts from stage 1's best: that candidate (beta = 1/N) is already a stage-2 point, so it stays
 the incumbent, re-scored with the stage-2 penalty, until stage 2 finds better. The result is the best
 candidate under the last stage's fitness.
+
+A stage with `batch_size` scores each generation on a minibatch of the validation split, the same one for
+the whole generation (`EvaluationContext.minibatch`), a fresh one per generation. Its incumbent only ever
+comes from scoring the CMA mean on the whole split (every `rescore_every` generations and when the stage
+ends), so the loss a search reports is always a whole-split loss of the merge it returns.
 """
 
 from __future__ import annotations
