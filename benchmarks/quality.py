@@ -1,10 +1,12 @@
 """Quality: the shape of the paper's main and ablation tables, on the embedded repository.
 
-Rows: Evo-Merging with the SDK's default preset and with the paper's protocol; the best single adapter of
-the pool and the uniform merge; white-box Task Arithmetic, TIES and DARE (their hyper-parameters chosen on
-the validation split from a small grid, as the paper chose its baselines'); a LoRAHub-style search;
-random search; and the paper's three ablations of the full method (no denoising, no scaling, no negative
-betas), which get the full method's budget (a dropped stage's evaluations go to the stage that is kept).
+Rows: Evo-Merging with the SDK's default preset, the same preset sized to the LoRAHub-style row's
+spend (`engine.fit_to_queries`: the two searches at equal cost), and with the paper's protocol; the
+best single adapter of the pool and the uniform merge; white-box Task Arithmetic, TIES and DARE (their
+hyper-parameters chosen on the validation split from a small grid, as the paper chose its baselines'); a
+LoRAHub-style search; random search; and the paper's three ablations of the full method (no denoising,
+no scaling, no negative betas), which get the full method's budget (a dropped stage's evaluations go to
+the stage that is kept).
 Every row runs on the same repositories, targets, pools and seeds, and is chosen on validation data only.
 
 Columns: every target of the repository (4 out-of-domain, 4 in-domain), and the averages, of the metric on
@@ -45,6 +47,7 @@ import attrs
 import numpy as np
 
 from evomerge_sdk.engine.baselines import best_single, random_search, uniform_merge
+from evomerge_sdk.engine.budget import fit_to_queries
 from evomerge_sdk.engine.objective import Candidate
 from evomerge_sdk.engine.search import (
     DEFAULT,
@@ -61,6 +64,7 @@ from evomerge_sdk.local.repository import Repository, RepositoryConfig, Target, 
 
 ROWS: dict[str, str] = {
     "evo_default": "Evo-Merging (default preset)",
+    "evo_equal_spend": "Evo-Merging (default, at LoRAHub-style's spend)",
     "evo_paper": "Evo-Merging (paper protocol)",
     "best_single": "best single adapter",
     "uniform": "uniform merge",
@@ -75,6 +79,7 @@ ROWS: dict[str, str] = {
 }
 RANDOM_SEARCH_EVALUATIONS = 1200
 """Random search gets the paper protocol's budget."""
+LORAHUB_EVALUATIONS = LORAHUB.scale.max_evaluations if LORAHUB.scale is not None else 0
 
 
 def search_rows() -> dict[str, SearchConfig]:
@@ -156,6 +161,10 @@ async def run_case(
         return lambda obj: EvoMerge(obj, n, attrs.evolve(config, seed=seed)).run()
 
     runners |= {name: evo(config) for name, config in configs.items()}
+    # The default preset sized to what LoRAHub-style spends: the two search methods at equal cost.
+    examples = len(target.validation)
+    equal = fit_to_queries(DEFAULT, n, examples, LORAHUB_EVALUATIONS * examples)
+    runners["evo_equal_spend"] = evo(attrs.evolve(equal, name="default@lorahub-spend"))
     out: dict[str, Row] = {}
     for name in rows:
         if name in ("task_arithmetic", "ties", "dare"):

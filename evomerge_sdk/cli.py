@@ -71,10 +71,10 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="evomerge-out", help="output folder (default ./evomerge-out)")
     p.add_argument("--preset", default="default", help="engine preset of the Evo-Merging row (default)")
     p.add_argument(
-        "--lorahub-evaluations",
+        "--search-evaluations",
         type=_positive_int,
         default=None,
-        help="LoRAHub-style budget (800, quick 300)",
+        help="each search row's spend in validation passes, equal for both rows (800, quick 300)",
     )
     p.add_argument("--repository-seed", type=_non_negative_int, default=0, help="embedded repository seed")
     p.add_argument("--cache", default=None, help="SQLite file caching evaluations across runs")
@@ -182,7 +182,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         out_dir=args.out,
         repository_seed=args.repository_seed,
         preset=args.preset,
-        lorahub_evaluations=args.lorahub_evaluations,
+        search_evaluations=args.search_evaluations,
         response_cache=args.cache,
     )
     console = Console()

@@ -4,10 +4,11 @@
 embedded merge service on a free loopback port, and scores, on an out-of-domain target of a stratified
 pool, every row of the comparison through the service:
 
-* Evo-Merging: the two-stage search (`DEFAULT`), early stopping on the target's held-out split, under
-  a hard token budget;
+* Evo-Merging: the two-stage search (`DEFAULT`), sized to the LoRAHub-style row's spend so the two
+  searches compare at equal cost, under a hard token budget;
 * best single adapter (chosen on validation), uniform merge, Task Arithmetic (a lambda grid), and a
-  LoRAHub-style single-stage search, all black-box through the same service;
+  LoRAHub-style single-stage search (800 full validation passes), all black-box through the same
+  service;
 * TIES and DARE, white-box: they need the adapters' weights, so they run on the repository directly
   (hyper-parameters chosen on validation loss); their query and token counts are what the same
   evaluations would cost through the service.
@@ -38,6 +39,7 @@ import numpy as np
 
 from .cli import CLI_EXTRA_HINT
 from .engine.baselines import best_single, lorahub, task_arithmetic, uniform_merge
+from .engine.budget import fit_to_queries
 from .engine.search import PRESETS, EvoMerge, Progress, SearchConfig, SearchResult, write_json_atomic
 from .errors import ConfigError
 from .local import whitebox
@@ -91,9 +93,12 @@ def _optional_path(value: str | Path | None) -> Path | None:
 @attrs.frozen
 class DemoConfig:
     """What the demo runs. `seed` draws the pool and seeds every search (and DARE's masks); the
-    repository is built from `repository_seed`. `budget_tokens` caps each search row (Evo-Merging and
-    LoRAHub-style alike; default 8M, 2M in quick mode). `quick` shrinks the search budgets (not the
-    pool) so the whole demo takes seconds. `preset` names the engine preset of the Evo-Merging row.
+    repository is built from `repository_seed`. The two search rows compare at equal cost:
+    `search_evaluations` is what each may spend, in full validation passes (default 800, the LoRAHub-style
+    preset's; 300 in quick mode). LoRAHub-style runs that many evaluations; the Evo-Merging row's preset is
+    sized to the same number of examples scored (`engine.fit_to_queries`). `budget_tokens` is a hard cap
+    on each search row on top (default 8M, 2M in quick mode). `quick` shrinks the spend (not the pool) so
+    the whole demo takes seconds. `preset` names the engine preset of the Evo-Merging row.
     `cache_dir` is the repository cache (default: `evomerge_sdk.local.default_cache_dir()`);
     `response_cache` an optional SQLite file the searches' evaluations are cached in across runs.
     """
@@ -106,7 +111,7 @@ class DemoConfig:
     out_dir: Path = attrs.field(default=Path("evomerge-out"), converter=Path)
     repository_seed: int = attrs.field(default=0, validator=_non_negative_int)
     preset: str = "default"
-    lorahub_evaluations: int | None = attrs.field(default=None, validator=_optional_positive_int)
+    search_evaluations: int | None = attrs.field(default=None, validator=_optional_positive_int)
     cache_dir: Path | None = attrs.field(default=None, converter=_optional_path)
     response_cache: Path | None = attrs.field(default=None, converter=_optional_path)
     plot: bool = True
@@ -123,16 +128,17 @@ class DemoConfig:
         return _QUICK_BUDGET if self.quick else _FULL_BUDGET
 
     @property
-    def lorahub_budget(self) -> int:
-        """Evaluations of the LoRAHub-style row (its preset's 800; 300 in quick mode)."""
-        if self.lorahub_evaluations is not None:
-            return self.lorahub_evaluations
+    def search_budget(self) -> int:
+        """Each search row's spend in full validation passes (LoRAHub's 800; 300 in quick mode)."""
+        if self.search_evaluations is not None:
+            return self.search_evaluations
         return 300 if self.quick else 800
 
-    def search_config(self) -> SearchConfig:
-        """The Evo-Merging row's search: the preset with this seed (smaller budgets in quick mode)."""
+    def search_config(self, n: int, examples: int, held_out: int) -> SearchConfig:
+        """The Evo-Merging row's search: the preset with this seed, sized to `search_budget` full passes
+        over `examples` validation examples for `n` models."""
         config = attrs.evolve(PRESETS[self.preset], seed=self.seed)
-        return quick_search_config(config) if self.quick else config
+        return fit_to_queries(config, n, examples, self.search_budget * examples, held_out)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, without the machine-specific paths (so two runs compare equal)."""
@@ -144,7 +150,7 @@ class DemoConfig:
             "quick": self.quick,
             "repository_seed": self.repository_seed,
             "preset": self.preset,
-            "lorahub_evaluations": self.lorahub_budget,
+            "search_evaluations": self.search_budget,
         }
 
 
@@ -311,7 +317,6 @@ async def run_demo_async(config: DemoConfig, reporter: Reporter | None = None) -
     rep = reporter if reporter is not None else SilentReporter()
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    search_config = config.search_config()  # fails early on a bad preset
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
     rep.phase("Loading the embedded repository (built once, then cached on disk)...")
@@ -338,9 +343,12 @@ async def run_demo_async(config: DemoConfig, reporter: Reporter | None = None) -
             }
             n = sessions["validation"].adapter_count
             pool = service.repository.pool(target, config.pool_size, config.seed)
+            examples = len(target.validation)
+            search_config = config.search_config(n, examples, len(target.holdout))
             rep.phase(
                 f"Embedded service on {service.url}: target {target.name} (out-of-domain), pool of {n} "
-                f"adapters (seed {config.seed}), budget {config.budget:,} tokens per search"
+                f"adapters (seed {config.seed}); each search may score {config.search_budget * examples:,} "
+                f"examples ({config.search_budget} validation passes), capped at {config.budget:,} tokens"
             )
 
             async def test_row(
@@ -388,7 +396,10 @@ async def run_demo_async(config: DemoConfig, reporter: Reporter | None = None) -
                 return report
 
             # Evo-Merging
-            rep.phase(f"{EVO}: two-stage search ({search_config.name} preset), seed {config.seed}")
+            rep.phase(
+                f"{EVO}: two-stage search ({search_config.name} preset, sized to the same spend), "
+                f"seed {config.seed}"
+            )
             t = time.perf_counter()
 
             async def run_evo(obj: ServiceObjective, s: Scheduler) -> SearchResult:
@@ -440,14 +451,14 @@ async def run_demo_async(config: DemoConfig, reporter: Reporter | None = None) -
 
             # LoRAHub-style
             rep.phase(
-                f"{LORAHUB_ROW}: one-stage search, {config.lorahub_budget} evaluations, seed {config.seed}"
+                f"{LORAHUB_ROW}: one-stage search, {config.search_budget} evaluations, seed {config.seed}"
             )
             t = time.perf_counter()
 
             async def run_lorahub(obj: ServiceObjective, s: Scheduler) -> SearchResult:
                 report = on_progress(LORAHUB_ROW, s, config.budget)
                 return await lorahub(
-                    obj, n, max_evaluations=config.lorahub_budget, seed=config.seed, on_progress=report
+                    obj, n, max_evaluations=config.search_budget, seed=config.seed, on_progress=report
                 )
 
             hub, spend = await in_row(config.budget, "lorahub", run_lorahub)

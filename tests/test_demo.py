@@ -79,6 +79,12 @@ def test_quick_demo_is_deterministic(cli_run: tuple[int, str, Path], cache_dir: 
     rows: dict[str, Any] = {r["name"]: r for r in first["rows"]}
     assert rows["uniform"]["queries"] == 1 and rows["best single adapter"]["queries"] == 20
     assert rows["uniform"]["tokens"] * 20 == rows["best single adapter"]["tokens"]
+    # The two search rows compare at equal cost: 300 validation passes each in quick mode.
+    hub, evo = rows["LoRAHub-style"], rows["Evo-Merging"]
+    assert hub["queries"] == first["config"]["search_evaluations"] == 300
+    assert hub["tokens"] == 300 * rows["uniform"]["tokens"]
+    assert 0.95 * hub["tokens"] < evo["tokens"] < 1.02 * hub["tokens"]
+    assert evo["queries"] > 5 * hub["queries"]  # minibatches: many more, smaller evaluations
 
 
 def test_bad_demo_settings_fail_clearly(cache_dir: Path, tmp_path: Path, restore_logging: None) -> None:

@@ -85,7 +85,7 @@ async def test_default_preset_matches_the_paper_protocol_for_a_quarter_of_its_qu
 
 def test_stage_config_round_trips_with_the_new_fields() -> None:
     stage = StageConfig(
-        start=0.5, sigma=0.1, lower=0.0, upper=1.0, max_evaluations=10, batch_size=7, rescore_every=3
+        start=0.5, sigma=0.1, lower=0.0, upper=1.0, max_evaluations=20, batch_size=7, rescore_every=3
     )
     assert StageConfig.from_dict(stage.to_dict()) == stage
     assert PAPER.scale is not None and PAPER.scale.batch_size is None and PAPER.scale.sigma_scaling == "none"

@@ -523,7 +523,7 @@ async def test_early_stopping_on_a_minibatch_stage_checks_the_rescored_mean(pool
 
 
 def test_sigma_scaling_and_minibatch_config_errors() -> None:
-    stage = StageConfig(start=0.0, sigma=0.2, lower=-1.0, upper=1.0, max_evaluations=10, sigma_scaling="sqrt")
+    stage = StageConfig(start=0.0, sigma=0.2, lower=-1.0, upper=1.0, max_evaluations=40, sigma_scaling="sqrt")
     assert stage.sigma_value(20) == pytest.approx(0.2)
     assert stage.sigma_value(80) == pytest.approx(0.1)
     assert attrs.evolve(stage, sigma_scaling="none").sigma_value(80) == 0.2

@@ -14,6 +14,7 @@ from .baselines import (
     task_arithmetic_grid,
     uniform_merge,
 )
+from .budget import fit_to_queries, planned_queries
 from .cmaes import CMA, BoxTransform, StopCriteria, StopReason, default_popsize
 from .objective import Candidate, EvaluationContext, Objective, Split
 from .operators import keep_count, magnitude_order, merge_lora, merge_outputs, scale_sum, sparsify
@@ -62,11 +63,13 @@ __all__ = [
     "ablations",
     "best_single",
     "default_popsize",
+    "fit_to_queries",
     "keep_count",
     "lorahub",
     "magnitude_order",
     "merge_lora",
     "merge_outputs",
+    "planned_queries",
     "preset",
     "random_search",
     "scale_sum",

@@ -41,7 +41,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..errors import BudgetExceeded, ConfigError, EvomergeError
-from .cmaes import CMA, StopCriteria, StopReason
+from .cmaes import CMA, StopCriteria, StopReason, default_popsize
 from .objective import Candidate, EvaluationContext, Objective, Split
 
 __all__ = [
@@ -92,6 +92,10 @@ def _opt_unnum(x: float | str | None) -> float | None:
 
 
 # -- configuration -----------------------------------------------------------------------------------
+def _too_small(max_evaluations: int, popsize: int) -> str:
+    return f"max_evaluations={max_evaluations} does not pay for one generation of {popsize} candidates"
+
+
 def _check_stage(stage: StageConfig) -> None:
     def fail(msg: str) -> ConfigError:
         return ConfigError(f"stage config: {msg}")
@@ -129,6 +133,8 @@ def _check_stage(stage: StageConfig) -> None:
         or stage.rescore_every < 0
     ):
         raise fail(f"rescore_every must be an integer >= 0, got {stage.rescore_every!r}")
+    if stage.popsize is not None and stage.max_evaluations < stage.popsize:
+        raise fail(_too_small(stage.max_evaluations, stage.popsize))
 
 
 @attrs.frozen
@@ -177,6 +183,10 @@ class StageConfig:
         if not self.lower <= value <= self.upper:
             raise ConfigError(f"start {value} lies outside the stage bounds [{self.lower}, {self.upper}]")
         return value
+
+    def popsize_value(self, n: int) -> int:
+        """Candidates per generation for a pool of n models (CMA-ES's default when `popsize` is None)."""
+        return self.popsize if self.popsize is not None else default_popsize(n)
 
     def use_diagonal(self, n: int) -> bool:
         """Whether this stage runs sep-CMA-ES for n models."""
@@ -709,8 +719,11 @@ class EvoMerge:
             raise ConfigError(f"n_models must be a positive integer, got {n_models!r}")
         if not isinstance(config, SearchConfig):
             raise ConfigError(f"config must be a SearchConfig, got {type(config).__name__}")
-        for _, stage in config.stages():
+        for name, stage in config.stages():
             stage.start_value(n_models)
+            if stage.max_evaluations < stage.popsize_value(n_models):
+                message = _too_small(stage.max_evaluations, stage.popsize_value(n_models))
+                raise ConfigError(f"stage {name!r}: {message}")
         self.objective = objective
         self.n = n_models
         self.config = config
@@ -811,7 +824,14 @@ class EvoMerge:
             popsize=stage.popsize,
             seed=derive_seed(self.config.seed, state.stage_index, 0),
             diagonal=stage.use_diagonal(n),
-            stop=StopCriteria(max_evaluations=stage.max_evaluations, tolfun=stage.tolfun, tolx=stage.tolx),
+            stop=StopCriteria(
+                max_evaluations=stage.max_evaluations,
+                tolfun=stage.tolfun,
+                tolx=stage.tolx,
+                # Stagnation compares generations' values; minibatch values differ by their draw, not
+                # by progress, so on a minibatch stage it fires on noise.
+                stagnation=stage.batch_size is None,
+            ),
         )
         if state.incumbent is not None:
             # The previous stage's best is a point of this stage too: keep it, re-scored with this penalty.

@@ -108,9 +108,10 @@ class SyntheticPool:
         out: FloatArray = self.reference[idx] + np.tensordot(candidate.beta, picked, axes=1)
         return out
 
-    def loss(self, candidate: Candidate, split: str = "validation") -> float:
-        """Mean cross-entropy of the merged scores against the target answers on `split`."""
-        rows = self._rows[split]
+    def loss(self, candidate: Candidate, split: str = "validation", subset: ArrayLike | None = None) -> float:
+        """Mean cross-entropy of the merged scores against the target answers on `split` (or on the
+        `subset` of its examples, by position)."""
+        rows = self._rows[split] if subset is None else self._rows[split][np.asarray(subset)]
         z = self.merged_scores(candidate, rows)
         z = z - z.max(axis=-1, keepdims=True)
         log_p = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
@@ -122,7 +123,9 @@ class SyntheticPool:
         return float((self.merged_scores(candidate, rows).argmax(axis=-1) == self.labels[rows]).mean())
 
     async def __call__(self, candidates: Sequence[Candidate], context: EvaluationContext, /) -> list[float]:
-        """Score `candidates` on the context's split; records (context, count) in `calls`."""
+        """Score `candidates` on the context's split (its minibatch, if any, as a service would);
+        records (context, count) in `calls`."""
         self.calls.append((context, len(candidates)))
         split = "held_out" if context.split is Split.HELD_OUT else "validation"
-        return [self.loss(c, split) for c in candidates]
+        subset = context.minibatch(self._rows[split].size)
+        return [self.loss(c, split, subset) for c in candidates]
