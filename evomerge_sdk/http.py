@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 import aiohttp
 import attrs
-import structlog
 from yarl import URL
 
 from .errors import (
@@ -32,9 +31,10 @@ from .errors import (
     ServerError,
     Timeout,
 )
+from .logs import get_logger
 from .providers import RateLimitInfo
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 # (limit, remaining, seconds until reset) of one rate-limit window, as the headers reported it.
 Window = tuple[int | None, int | None, float | None]

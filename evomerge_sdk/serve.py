@@ -27,16 +27,16 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
-import structlog
 from aiohttp import web
 
 from .errors import BudgetExceeded, ConfigError, EvomergeError, ProviderError
+from .logs import get_logger
 from .merged import MergedModel
 from .providers import Completion, Message, Role
 
 __all__ = ["MergedModelServer", "serve_merged"]
 
-_log = structlog.get_logger("evomerge_sdk.serve")
+_log = get_logger("evomerge_sdk.serve")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 

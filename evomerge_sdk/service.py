@@ -33,7 +33,6 @@ import aiohttp
 import anyio
 import attrs
 import numpy as np
-import structlog
 from numpy.typing import ArrayLike
 
 from .engine.objective import Candidate, EvaluationContext, Split
@@ -41,6 +40,7 @@ from .errors import BadResponse, BudgetExceeded, ConfigError, ConnectionFailed, 
 from .http import HTTPAnswer, HTTPClient, check_base_url
 from .local.echo_server import parse_rate_limit_headers
 from .local.merge import check_coefficients
+from .logs import get_logger
 from .providers import RateLimitInfo, TokenLogprob, Usage
 from .scheduler import Outcome, Scheduler, cache_key
 
@@ -55,7 +55,7 @@ __all__ = [
     "ServiceSession",
 ]
 
-_log = structlog.get_logger("evomerge_sdk.service")
+_log = get_logger("evomerge_sdk.service")
 
 DEFAULT_TOKENS_PER_EVALUATION = 300 * 256
 """What one evaluation is assumed to cost when the server reports neither usage nor its dataset's size:
@@ -604,7 +604,7 @@ class ServiceObjective:
                 examples = context.minibatch(session.n_examples)
             elif not self._told_full:
                 self._told_full = True
-                _log.info(
+                _log.warning(
                     "minibatch_unavailable",
                     detail="the service cannot score a subset of examples; every evaluation scores all",
                     batch_size=context.batch_size,

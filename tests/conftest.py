@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+import structlog
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     """anyio's pytest plugin runs `@pytest.mark.anyio` tests on asyncio only."""
     return "asyncio"
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """The CLI configures structlog (printing to pytest's captured stderr): put the old set-up back,
+    including "never configured", which decides whether the SDK's routine events are emitted."""
+    configured, saved = structlog.is_configured(), structlog.get_config()
+    yield
+    if configured:
+        structlog.configure(**saved)
+    else:
+        structlog.reset_defaults()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -416,14 +416,6 @@ CLI: dict[str, tuple[list[str], str]] = {
     "port too big": (["serve-local", "--small", "--port", "70000"], "port must be in [0, 65535]"),
     "open host without key": (["serve-local", "--host", "0.0.0.0"], "needs an api_key"),
 }
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """The CLI configures structlog to print to (pytest's captured) stderr: put the old config back."""
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
 
 
 @pytest.mark.parametrize("case", sorted(CLI))

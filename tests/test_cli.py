@@ -8,22 +8,15 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import pytest
-import structlog
 
 from evomerge_sdk import cli
 from evomerge_sdk.service import MergeServiceClient
 
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def test_serve_local_runs_until_sigterm(tmp_path: Path) -> None:

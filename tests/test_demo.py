@@ -24,13 +24,6 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("repository-cache")
 
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
-
-
 @pytest.fixture(scope="module")
 def cli_run(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str, Path]]:
     out = tmp_path_factory.mktemp("cli") / "evomerge-out"

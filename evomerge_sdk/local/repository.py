@@ -672,12 +672,12 @@ def build_repository(
     `cache_dir` defaults to `default_cache_dir()`; `use_cache=False` neither reads nor writes it. A cache
     file that is corrupt or does not match the config is logged and rebuilt.
     """
-    import structlog
+    from ..logs import get_logger
 
     config = RepositoryConfig() if config is None else config
     if not isinstance(config, RepositoryConfig):
         raise ConfigError(f"config must be a RepositoryConfig, got {type(config).__name__}")
-    log = structlog.get_logger("evomerge_sdk.local")
+    log = get_logger("evomerge_sdk.local")
     world = _make_world(config)
     specs = _adapter_specs(config, world)
     shapes = _expected_shapes(config, world, len(specs))

@@ -54,10 +54,10 @@ import anyio
 import anyio.to_thread
 import attrs
 import numpy as np
-import structlog
 from aiohttp import web
 
 from ..errors import ConfigError
+from ..logs import get_logger
 from ..scheduler._checks import check_number
 from .faults import FaultConfig, FaultInjector, ServerLimits, ServerStats, record_served
 from .repository import Repository, RepositoryConfig, build_repository
@@ -81,7 +81,7 @@ from .sessions import (
 
 __all__ = ["LocalService", "serve"]
 
-_log = structlog.get_logger("evomerge_sdk.local.server")
+_log = get_logger("evomerge_sdk.local.server")
 _T = TypeVar("_T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -27,15 +27,15 @@ from typing import Any
 
 import anyio
 import attrs
-import structlog
 
 from ..errors import ConfigError
+from ..logs import get_logger
 from ..providers import ChatRequest, Message, Usage
 from ._checks import check_number
 
 __all__ = ["CachedValue", "ResponseCache", "cache_key", "chat_cache_key"]
 
-_log = structlog.get_logger("evomerge_sdk.cache")
+_log = get_logger("evomerge_sdk.cache")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     key TEXT PRIMARY KEY,

@@ -47,6 +47,7 @@ from ..errors import (
     ServerError,
     Timeout,
 )
+from ..logs import get_logger
 from ..providers import ChatRequest, Completion, Provider, RateLimitInfo, TokenLogprob, Usage
 from ._checks import check_number
 from .budget import Budget, BudgetLedger, ModelPrice, Price, PriceTable, Spend, bind_prices
@@ -58,7 +59,7 @@ from .tokens import TokenCounter
 
 __all__ = ["CallResult", "Outcome", "Scheduler"]
 
-_DEFAULT_LOG = structlog.get_logger("evomerge_sdk.scheduler")
+_DEFAULT_LOG = get_logger("evomerge_sdk.scheduler")
 
 # Errors after which the API did no billable work: the reservation is released, not charged.
 _NOT_SERVED = (RateLimited, ServerError, AuthenticationError, InvalidRequest)
@@ -516,8 +517,10 @@ def _debug_enabled(log: Any) -> bool:
     application that never asked for its debug events, so they need an explicit structlog configuration
     (or a logger passed in).
     """
-    if log is _DEFAULT_LOG and not structlog.is_configured():
-        return False
+    if log is _DEFAULT_LOG:
+        if not structlog.is_configured():
+            return False
+        log = structlog.get_logger(_DEFAULT_LOG.name)
     try:
         bound = log.bind()
         check = getattr(bound, "is_enabled_for", None) or getattr(bound, "isEnabledFor", None)

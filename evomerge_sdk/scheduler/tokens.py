@@ -28,9 +28,9 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import anyio
-import structlog
 
 from ..errors import ConfigError
+from ..logs import get_logger
 from ..providers import ChatRequest, Message
 from ._checks import check_number
 
@@ -75,7 +75,7 @@ _KNOWN_FILES: dict[str, tuple[str, str]] = {
 # Model-name prefixes of the o200k_base family (gpt-4o class); everything else defaults to cl100k_base.
 _O200K_PREFIXES = ("gpt-4o", "chatgpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "ft:gpt-4o")
 
-_log = structlog.get_logger("evomerge_sdk.tokens")
+_log = get_logger("evomerge_sdk.tokens")
 _lock = threading.Lock()
 # encoding name -> loaded Encoding, or None once loading failed (the process then uses the estimate).
 _loaded: dict[str, Encoding | None] = {}
