@@ -242,22 +242,22 @@ def table(
     return "\n".join(lines), ood_avg
 
 
-def paired(cases: list[dict[str, Any]], size: int, rows: Sequence[str]) -> str:
-    """Markdown: mean ± standard error of (default - row) on OOD cases, for every metric; how often the
-    default is ahead. Differences this small against their error are noise, not a ranking."""
+def paired(cases: list[dict[str, Any]], size: int, rows: Sequence[str], base: str = "evo_default") -> str:
+    """Markdown: mean ± standard error of (base - row) on OOD cases, for every metric; how often the
+    base row is ahead. Differences this small against their error are noise, not a ranking."""
     mine = [c for c in cases if c["pool"] == size and c["kind"] == "ood"]
     metrics = (("accuracy", 1), ("f1", 1), ("test_loss", 3), ("validation_loss", 3))
-    head = "| row | accuracy | macro-F1 | test loss | validation loss | default ahead (accuracy) |"
+    head = "| row | accuracy | macro-F1 | test loss | validation loss | base row ahead (accuracy) |"
     lines = [head, "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        if row == "evo_default" or not mine:
+        if row == base or not mine:
             continue
         cells = [ROWS[row]]
         for key, digits in metrics:
-            diffs = [c["rows"]["evo_default"][key] - c["rows"][row][key] for c in mine]
+            diffs = [c["rows"][base][key] - c["rows"][row][key] for c in mine]
             error = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
             cells.append(f"{statistics.fmean(diffs):+.{digits}f} ± {error:.{digits}f}")
-        ahead = sum(c["rows"]["evo_default"]["accuracy"] > c["rows"][row]["accuracy"] for c in mine)
+        ahead = sum(c["rows"][base]["accuracy"] > c["rows"][row]["accuracy"] for c in mine)
         cells.append(f"{ahead} of {len(mine)}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -330,6 +330,9 @@ def main() -> None:
     for size in pools:
         print(f"\npool {size}, OOD targets: the default preset minus each row, paired by (seed, target)\n")
         print(paired(cases, size, args.rows))
+        if "evo_equal_spend" in args.rows:
+            print(f"\npool {size}, OOD targets: the default at LoRAHub-style's spend minus each row\n")
+            print(paired(cases, size, args.rows, base="evo_equal_spend"))
     for size in pools:
         for row in ("evo_default", "evo_paper"):
             for coef in ("alpha_by_role", "beta_by_role"):
