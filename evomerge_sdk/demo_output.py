@@ -138,8 +138,18 @@ class OutputDemoConfig:
         return _QUICK_TEST if self.quick else None
 
     def search_config(self) -> SearchConfig:
-        """The Evo-Merging search: the preset with this seed (smaller budgets in quick mode)."""
+        """The Evo-Merging search: the preset with this seed, every evaluation on the whole split
+        (smaller budgets in quick mode).
+
+        Minibatches save queries; here the search runs on cached scores and costs none, so they would
+        only add noise to the ranking.
+        """
         config = attrs.evolve(PRESETS[self.preset], seed=self.seed)
+        config = attrs.evolve(
+            config,
+            denoise=None if config.denoise is None else attrs.evolve(config.denoise, batch_size=None),
+            scale=None if config.scale is None else attrs.evolve(config.scale, batch_size=None),
+        )
         return quick_search_config(config) if self.quick else config
 
     def to_dict(self) -> dict[str, Any]:
