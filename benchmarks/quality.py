@@ -47,7 +47,7 @@ import attrs
 import numpy as np
 
 from evomerge_sdk.engine.baselines import best_single, random_search, uniform_merge
-from evomerge_sdk.engine.budget import fit_to_queries
+from evomerge_sdk.engine.budget import fit_to_queries, planned_queries
 from evomerge_sdk.engine.objective import Candidate
 from evomerge_sdk.engine.search import (
     DEFAULT,
@@ -79,7 +79,6 @@ ROWS: dict[str, str] = {
 }
 RANDOM_SEARCH_EVALUATIONS = 1200
 """Random search gets the paper protocol's budget."""
-LORAHUB_EVALUATIONS = LORAHUB.scale.max_evaluations if LORAHUB.scale is not None else 0
 
 
 def search_rows() -> dict[str, SearchConfig]:
@@ -163,7 +162,7 @@ async def run_case(
     runners |= {name: evo(config) for name, config in configs.items()}
     # The default preset sized to what LoRAHub-style spends: the two search methods at equal cost.
     examples = len(target.validation)
-    equal = fit_to_queries(DEFAULT, n, examples, LORAHUB_EVALUATIONS * examples)
+    equal = fit_to_queries(DEFAULT, n, examples, planned_queries(LORAHUB, n, examples))
     runners["evo_equal_spend"] = evo(attrs.evolve(equal, name="default@lorahub-spend"))
     out: dict[str, Row] = {}
     for name in rows:

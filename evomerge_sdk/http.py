@@ -1,4 +1,5 @@
-"""HTTP plumbing shared by every provider: session lifetime, failure mapping, rate-limit headers.
+"""HTTP plumbing shared by every provider: session lifetime, failure mapping, rate-limit headers (and
+the one shutdown wait of the SDK's own servers).
 
 Adapters (and the merge-service client) build on it so each provider module only translates its own
 wire format; every status and transport failure maps onto `evomerge_sdk.errors` in one place.
@@ -11,7 +12,9 @@ import email.utils
 import json
 import math
 import re
+import signal
 import ssl
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -334,3 +337,17 @@ def field(obj: Any, key: str, kind: type[_KindT], where: str) -> _KindT:
     if value is None:
         raise BadResponse(f"{where}.{key} should be a {kind.__name__}, is missing or null")
     return value
+
+
+async def until_terminated() -> None:
+    """Wait for SIGTERM or SIGINT (a server's run-until-stopped loop); handlers are removed afterwards."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT) if sys.platform != "win32" else ()
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)

@@ -15,12 +15,10 @@ are JSON in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import ipaddress
 import json
 import secrets
-import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -30,6 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from .errors import BudgetExceeded, ConfigError, EvomergeError, ProviderError
+from .http import until_terminated
 from .logs import get_logger
 from .merged import MergedModel
 from .providers import Completion, Message, Role
@@ -262,17 +261,7 @@ async def serve_merged(
     async with server:
         if announce is not None:
             announce({"url": server.url, "base_url": f"{server.url}/v1", "model": server.model_name})
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        if sys.platform != "win32":
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            if sys.platform != "win32":
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.remove_signal_handler(sig)
+        await until_terminated()
 
 
 def add_cli_arguments(p: Any) -> None:

@@ -25,7 +25,6 @@ import hmac
 import ipaddress
 import json
 import re
-import signal
 import sys
 from collections.abc import Mapping
 from types import TracebackType
@@ -46,7 +45,7 @@ from ..errors import (
     ServerError,
     Timeout,
 )
-from ..http import Window, check_base_url, header_int, rate_limit_info, retry_after_seconds
+from ..http import Window, check_base_url, header_int, rate_limit_info, retry_after_seconds, until_terminated
 from ..providers import ChatRequest, Completion, RateLimitInfo, TokenLogprob, Usage
 from ..scheduler.tokens import TokenCounter
 from .faults import FaultConfig, FaultInjector, ServerLimits, ServerStats, record_served
@@ -439,11 +438,7 @@ async def _serve(args: argparse.Namespace) -> None:
     async with EchoServer(faults=faults, limits=limits, port=args.port, api_key=args.api_key) as server:
         await server.tokens.aencoding(args.warm_model)  # load the encoding before the first request
         print(json.dumps({"url": server.url}), flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await until_terminated()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,7 +32,6 @@ responsive, and every answer is a pure function of its request.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import functools
 import hashlib
@@ -41,8 +40,6 @@ import ipaddress
 import json
 import math
 import secrets
-import signal
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -57,6 +54,7 @@ import numpy as np
 from aiohttp import web
 
 from ..errors import ConfigError
+from ..http import until_terminated
 from ..logs import get_logger
 from ..scheduler._checks import check_number
 from .faults import FaultConfig, FaultInjector, ServerLimits, ServerStats, record_served
@@ -613,14 +611,4 @@ async def serve(service: LocalService, *, announce: Callable[[dict[str, Any]], N
         }
         if announce is not None:
             announce(info)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        if sys.platform != "win32":
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            if sys.platform != "win32":
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.remove_signal_handler(sig)
+        await until_terminated()
