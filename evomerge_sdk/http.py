@@ -1,5 +1,6 @@
-"""HTTP plumbing shared by every provider: session lifetime, failure mapping, rate-limit headers (and
-the one shutdown wait of the SDK's own servers).
+"""HTTP plumbing shared by every provider: session lifetime, failure mapping, rate-limit headers; and,
+for the SDK's own servers (the embedded service, the merged-model server, the echo server), starting a
+site, the loopback and bearer-token checks, and the shutdown wait.
 
 Adapters (and the merge-service client) build on it so each provider module only translates its own
 wire format; every status and transport failure maps onto `evomerge_sdk.errors` in one place.
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import hmac
+import ipaddress
 import json
 import math
 import re
@@ -21,6 +24,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import attrs
+from aiohttp import web
 from yarl import URL
 
 from .errors import (
@@ -337,6 +341,65 @@ def field(obj: Any, key: str, kind: type[_KindT], where: str) -> _KindT:
     if value is None:
         raise BadResponse(f"{where}.{key} should be a {kind.__name__}, is missing or null")
     return value
+
+
+# -- the SDK's own servers ---------------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine only (a loopback address, or 'localhost')."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def bearer_matches(authorization: str, key: bytes) -> bool:
+    """Whether an `Authorization` header carries `Bearer <key>`, compared in constant time."""
+    scheme, _, token = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key)
+
+
+def json_error(
+    status: int, message: str, kind: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """An error answer in the OpenAI shape every client of these servers reads: {"error": {...}}."""
+    body = {"error": {"message": message, "type": kind, "param": None, "code": kind}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def refuse_unauthorized(request: web.Request, key: bytes | None) -> web.Response | None:
+    """The 401 answer for a /v1/ request without `Bearer <key>`; None when it may pass (or no key is set).
+
+    Health and other routes outside /v1/ stay open, so a load balancer can probe without the key.
+    """
+    if key is None or not request.path.startswith("/v1/"):
+        return None
+    if bearer_matches(request.headers.get("Authorization", ""), key):
+        return None
+    return json_error(
+        401,
+        "missing or invalid bearer token (send 'Authorization: Bearer <key>')",
+        "authentication_error",
+        {"WWW-Authenticate": "Bearer"},
+    )
+
+
+async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Serve `app` on host:port (0: a free port, read it from `runner.addresses`); close the runner to stop.
+
+    A port in use or a missing interface is the caller's setting, so it is a `ConfigError` saying so.
+    """
+    # handler_cancellation: a client that gives up ends its (possibly hanging) handler too.
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
 
 
 async def until_terminated() -> None:

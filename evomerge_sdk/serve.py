@@ -15,8 +15,6 @@ are JSON in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
 import secrets
 import sys
@@ -28,7 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from .errors import BudgetExceeded, ConfigError, EvomergeError, ProviderError
-from .http import until_terminated
+from .http import is_loopback, json_error, refuse_unauthorized, start_site, until_terminated
 from .logs import get_logger
 from .merged import MergedModel
 from .providers import Completion, Message, Role
@@ -43,18 +41,6 @@ class _Refused(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
-
-
-def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "param": None, "code": kind}}
-    return web.json_response(body, status=status, headers=headers)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def _messages(value: Any) -> tuple[Message, ...]:
@@ -102,7 +88,7 @@ class MergedModelServer:
     ) -> None:
         if api_key is not None and (not isinstance(api_key, str) or not api_key):
             raise ConfigError("api_key must be a non-empty string or None")
-        if not _is_loopback(host) and api_key is None:
+        if not is_loopback(host) and api_key is None:
             raise ConfigError(f"listening on {host!r} (not loopback) needs an api_key")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ConfigError(f"port must be an integer in [0, 65535], got {port!r}")
@@ -130,13 +116,7 @@ class MergedModelServer:
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
-        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self.host, self.port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
+        runner = await start_site(app, self.host, self.port)
         self._runner = runner
         self.port = runner.addresses[0][1]
         _log.info("merged_model_served", url=self.url, model=self.model_name)
@@ -152,24 +132,18 @@ class MergedModelServer:
     @web.middleware
     async def _front(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Bearer auth on /v1/, then every refusal as an OpenAI-shaped JSON error."""
-        if self._api_key is not None and request.path.startswith("/v1/"):
-            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._api_key):
-                return _error(
-                    401,
-                    "missing or invalid bearer token (send 'Authorization: Bearer <key>')",
-                    "authentication_error",
-                    {"WWW-Authenticate": "Bearer"},
-                )
+        refused = refuse_unauthorized(request, self._api_key)
+        if refused is not None:
+            return refused
         try:
             return await handler(request)
         except _Refused as exc:
-            return _error(exc.status, exc.message, exc.kind)
+            return json_error(exc.status, exc.message, exc.kind)
         except web.HTTPException as exc:
             if exc.status == 413:
-                return _error(413, f"the body exceeds {self.max_body_bytes} bytes", "request_too_large")
+                return json_error(413, f"the body exceeds {self.max_body_bytes} bytes", "request_too_large")
             kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
-            return _error(exc.status, f"{exc.reason}: {request.method} {request.path}", kind)
+            return json_error(exc.status, f"{exc.reason}: {request.method} {request.path}", kind)
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "model": self.model_name, "mode": self.model.spec.mode})

@@ -25,6 +25,7 @@ from aiohttp import web
 from evomerge_anthropic import AnthropicProvider
 from evomerge_openai import OpenAIProvider
 
+from evomerge_sdk import http as http_module
 from evomerge_sdk.errors import (
     AuthenticationError,
     BadResponse,
@@ -34,7 +35,6 @@ from evomerge_sdk.errors import (
     ProviderError,
     ServerError,
 )
-from evomerge_sdk.local import server as server_module
 from evomerge_sdk.local.repository import Repository, RepositoryConfig, build_repository
 from evomerge_sdk.local.server import LocalService
 from evomerge_sdk.local.sessions import preset_id
@@ -271,7 +271,7 @@ async def test_bearer_tokens_are_compared_in_constant_time(
         seen.append((a, b))
         return original(a, b)
 
-    assert vars(server_module)["hmac"] is hmac  # the server calls hmac.compare_digest through the module
+    assert vars(http_module)["hmac"] is hmac  # the servers call hmac.compare_digest through evomerge_sdk.http
     monkeypatch.setattr(hmac, "compare_digest", spy)
     async with LocalService(repo, pool_sizes=(5,), api_key=KEY) as svc, aiohttp.ClientSession() as http:
         for token, want in ((KEY, 200), (KEY[:-1], 401), ("", 401), (KEY + "x", 401)):

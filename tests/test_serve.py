@@ -115,21 +115,54 @@ async def test_the_official_client_gets_a_valid_completion_with_usage(
     assert server.requests == 1
 
 
+class _NeverCalled:
+    """A provider for servers that must refuse before any completion is asked for."""
+
+    name = "openai"
+
+    async def complete(self, request: Any) -> Any:
+        raise AssertionError("not called")
+
+    async def aclose(self) -> None:
+        return None
+
+
 def test_non_loopback_needs_a_key(small_repository: Any) -> None:
     from evomerge_sdk.merged import MergedModel
 
-    class _Provider:
-        name = "openai"
-
-        async def complete(self, request: Any) -> Any:
-            raise AssertionError("not called")
-
-        async def aclose(self) -> None:
-            return None
-
-    merged = MergedModel(_spec(small_repository), provider=_Provider())
+    merged = MergedModel(_spec(small_repository), provider=_NeverCalled())
     with pytest.raises(ConfigError, match="api_key"):
         MergedModelServer(merged, host="0.0.0.0")
+
+
+@pytest.mark.anyio
+async def test_a_port_in_use_is_named_and_nothing_stays_open(small_repository: Any) -> None:
+    import socket
+
+    from evomerge_sdk.merged import MergedModel
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = MergedModelServer(MergedModel(_spec(small_repository), provider=_NeverCalled()), port=port)
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
+            async with server:
+                raise AssertionError("started on a taken port")
+    # The failed start left nothing running: the same object starts on a free port afterwards.
+    server.port = 0
+    async with server:
+        assert server.port != port
+
+
+def test_bearer_and_loopback_checks() -> None:
+    from evomerge_sdk.http import bearer_matches, is_loopback
+
+    assert bearer_matches("Bearer k-1", b"k-1") and bearer_matches("bearer  k-1 ", b"k-1")
+    assert not bearer_matches("Bearer k-2", b"k-1") and not bearer_matches("Basic k-1", b"k-1")
+    assert not bearer_matches("", b"k-1") and not bearer_matches("k-1", b"k-1")
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.8.0.1", "::1", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "10.0.0.1", "example.com", "::"))
 
 
 def test_cli_serve_starts_the_embedded_service_and_answers_the_openai_client(

@@ -21,8 +21,6 @@ import argparse
 import asyncio
 import contextvars
 import hashlib
-import hmac
-import ipaddress
 import json
 import re
 import sys
@@ -45,7 +43,17 @@ from ..errors import (
     ServerError,
     Timeout,
 )
-from ..http import Window, check_base_url, header_int, rate_limit_info, retry_after_seconds, until_terminated
+from ..http import (
+    Window,
+    bearer_matches,
+    check_base_url,
+    header_int,
+    is_loopback,
+    rate_limit_info,
+    retry_after_seconds,
+    start_site,
+    until_terminated,
+)
 from ..providers import ChatRequest, Completion, RateLimitInfo, TokenLogprob, Usage
 from ..scheduler.tokens import TokenCounter
 from .faults import FaultConfig, FaultInjector, ServerLimits, ServerStats, record_served
@@ -65,11 +73,7 @@ _parsed: contextvars.ContextVar[tuple[web.Request, dict[str, Any] | None] | None
 
 
 def _check_loopback(host: str) -> None:
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback:
+    if not is_loopback(host):
         raise ConfigError(f"the echo server only listens on loopback addresses, not {host!r}")
 
 
@@ -125,11 +129,7 @@ class EchoServer:
         return f"http://{self.host}:{self.port}"
 
     async def __aenter__(self) -> EchoServer:
-        # handler_cancellation: a client that gives up ends its (hanging) handler too.
-        runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
-        await site.start()
+        runner = await start_site(self.app, self.host, self.port)
         self._runner = runner
         self.port = runner.addresses[0][1]
         return self
@@ -184,8 +184,8 @@ class EchoServer:
         return await self.tokens.acount_request(req) + req.max_tokens
 
     async def _chat(self, request: web.Request) -> web.Response:
-        given = request.headers.get("Authorization", "").encode()
-        if self._api_key is not None and not hmac.compare_digest(given, f"Bearer {self._api_key}".encode()):
+        given = request.headers.get("Authorization", "")
+        if self._api_key is not None and not bearer_matches(given, self._api_key.encode()):
             return web.json_response(
                 {
                     "error": {

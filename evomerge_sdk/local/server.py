@@ -35,8 +35,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import hashlib
-import hmac
-import ipaddress
 import json
 import math
 import secrets
@@ -54,7 +52,7 @@ import numpy as np
 from aiohttp import web
 
 from ..errors import ConfigError
-from ..http import until_terminated
+from ..http import is_loopback, json_error, refuse_unauthorized, start_site, until_terminated
 from ..logs import get_logger
 from ..scheduler._checks import check_number
 from .faults import FaultConfig, FaultInjector, ServerLimits, ServerStats, record_served
@@ -92,18 +90,6 @@ _EVALUATE_FIELDS = {"alpha", "beta", "tag", "examples"}
 _MATERIALIZE_FIELDS = {"alpha", "beta", "tag"}
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "param": None, "code": kind}}
-    return web.json_response(body, status=status, headers=headers)
-
-
 def _json(data: Any, status: int = 200) -> web.Response:
     # Strict JSON: a non-finite number never leaves this server (the work maps them to null).
     return web.Response(
@@ -115,13 +101,13 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 def _http_error(exc: web.HTTPException, max_body: int, path: str) -> web.Response:
     if exc.status == 413:
-        return _error(
+        return json_error(
             413, f"the request body exceeds this service's limit of {max_body} bytes", "request_too_large"
         )
     if exc.status == 404:
-        return _error(404, f"no route {path!r}: see GET /health and GET /v1/presets", "not_found_error")
+        return json_error(404, f"no route {path!r}: see GET /health and GET /v1/presets", "not_found_error")
     kind = "method_not_allowed" if exc.status == 405 else "http_error"
-    return _error(exc.status, f"{exc.reason or 'request refused'}: {path}", kind)
+    return json_error(exc.status, f"{exc.reason or 'request refused'}: {path}", kind)
 
 
 @attrs.define
@@ -165,7 +151,7 @@ class LocalService:
             raise ConfigError(f"repository must be a Repository, got {type(repository).__name__}")
         if api_key is not None and (not isinstance(api_key, str) or not api_key):
             raise ConfigError("api_key must be a non-empty string or None")
-        if not _is_loopback(host) and api_key is None:
+        if not is_loopback(host) and api_key is None:
             raise ConfigError(f"listening on {host!r} (not loopback) needs an api_key")
         if isinstance(pool_sizes, (str, bytes)) or not pool_sizes:
             raise ConfigError("pool_sizes must be a non-empty list of positive integers")
@@ -235,17 +221,7 @@ class LocalService:
             client_max_size=self.max_body_bytes, middlewares=[self._front, self.injector.middleware]
         )
         self._add_routes(app)
-        # handler_cancellation: a client that gives up ends its handler too.
-        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self.host, self.port).start()
-        except OSError as exc:  # address in use, no such interface, ...: the user's setting, said plainly
-            await runner.cleanup()
-            raise ConfigError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
-        except BaseException:
-            await runner.cleanup()
-            raise
+        runner = await start_site(app, self.host, self.port)
         self._runner = runner
         self.port = runner.addresses[0][1]
         _log.info("local_service_started", url=self.url, presets=len(self.catalog.presets))
@@ -283,7 +259,7 @@ class LocalService:
             try:
                 return await handler(request)
             except RequestError as exc:
-                return _error(exc.status, exc.message, exc.kind, exc.headers)
+                return json_error(exc.status, exc.message, exc.kind, exc.headers)
             except web.HTTPException as exc:
                 return _http_error(exc, self.max_body_bytes, request.path)
 
@@ -292,22 +268,15 @@ class LocalService:
     @web.middleware
     async def _front(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Authentication first (a refused client consumes no rate limit), then JSON for any HTTP error."""
-        if self._api_key is not None and request.path.startswith("/v1/"):
-            given = request.headers.get("Authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._api_key):
-                return _error(
-                    401,
-                    "missing or invalid bearer token (send 'Authorization: Bearer <key>')",
-                    "authentication_error",
-                    {"WWW-Authenticate": "Bearer"},
-                )
+        refused = refuse_unauthorized(request, self._api_key)
+        if refused is not None:
+            return refused
         try:
             return await handler(request)
         except web.HTTPException as exc:
             return _http_error(exc, self.max_body_bytes, request.path)
         except RequestError as exc:
-            return _error(exc.status, exc.message, exc.kind)
+            return json_error(exc.status, exc.message, exc.kind)
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         cached = _parsed.get()
