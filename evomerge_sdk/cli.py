@@ -128,23 +128,23 @@ class _RichReporter:
         self.progress.stop()
 
 
-def _print_table(console: Any, result: Any) -> None:
+def _console() -> Any:
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # a pipe or a CI log: room for the table rather than 80 columns
+        console = Console(width=max(console.width, 100))
+    return console
+
+
+def _rows_table(title: str, caption: str, rows: Sequence[Any]) -> Any:
+    """The demos' comparison: one row per method, the best test accuracy in green, Evo-Merging in bold."""
     from rich.table import Table
 
     from .demo import EVO
 
-    rows = result.rows
     best = max(r.test_accuracy for r in rows)
-    table = Table(
-        title=f"{result.target}, pool of {len(result.pool)}, seed {result.config.seed}"
-        + (" (quick)" if result.config.quick else ""),
-        caption=(
-            "Test metrics on held-out test examples; queries = service evaluations, tokens = processed by "
-            "the service. † white-box: reads the adapters' weights and runs on the repository directly; "
-            "its counts are what the same evaluations would cost through the service."
-        ),
-        caption_justify="left",
-    )
+    table = Table(title=title, caption=caption, caption_justify="left")
     table.add_column("method", no_wrap=True)
     for header in ("test acc %", "test macro-F1 %", "val loss", "queries", "tokens"):
         table.add_column(header, justify="right", no_wrap=True)
@@ -159,18 +159,18 @@ def _print_table(console: Any, result: Any) -> None:
             f"{r.tokens:,}",
             style=style,
         )
-    console.print(table)
+    return table
+
+
+def _title(target: str, pool: int, seed: int, quick: bool) -> str:
+    return f"{target}, pool of {pool}, seed {seed}" + (" (quick)" if quick else "")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     if getattr(args, "mode", "parameter") == "output":
         _require_cli_extra("rich")
-        from .demo_output import run_output_cli
-
-        return run_output_cli(args)
+        return _run_output_demo(args)
     _require_cli_extra("rich", "matplotlib")
-    from rich.console import Console
-
     from .demo import DemoConfig, PlainReporter, Reporter, run_demo, verdict
 
     config = DemoConfig(
@@ -185,9 +185,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         search_evaluations=args.search_evaluations,
         response_cache=args.cache,
     )
-    console = Console()
-    if not console.is_terminal:  # a pipe or a CI log: room for the table rather than 80 columns
-        console = Console(width=max(console.width, 100))
+    console = _console()
     reporter: Reporter
     if args.no_progress or not console.is_terminal:
         reporter = PlainReporter(sys.stdout)
@@ -197,11 +195,67 @@ def _run_demo(args: argparse.Namespace) -> int:
         result = run_demo(config, reporter)
     finally:
         reporter.close()
-    _print_table(console, result)
+    caption = (
+        "Test metrics on held-out test examples; queries = service evaluations, tokens = processed by "
+        "the service. † white-box: reads the adapters' weights and runs on the repository directly; "
+        "its counts are what the same evaluations would cost through the service."
+    )
+    title = _title(result.target, len(result.pool), config.seed, config.quick)
+    console.print(_rows_table(title, caption, result.rows))
     console.print(verdict(result.rows))
     where = [str(result.result_path)] + ([str(result.plot_path)] if result.plot_path else [])
     console.print("Wrote " + " and ".join(where))
     return 0
+
+
+def _run_output_demo(args: argparse.Namespace) -> int:
+    """`evomerge demo --mode output`: run, then print what it found."""
+    from .demo import PlainReporter
+    from .demo_output import OutputDemoConfig, run_output_demo
+
+    config = OutputDemoConfig(
+        seed=args.seed,
+        pool_size=args.pool_size,
+        target=args.target,
+        quick=args.quick,
+        out_dir=args.out,
+        repository_seed=args.repository_seed,
+        preset=args.preset,
+        reference=args.reference,
+        response_cache=args.cache,
+    )
+    console = _console()
+    _print_output_demo(console, run_output_demo(config, PlainReporter(sys.stdout)))
+    return 0
+
+
+def _print_output_demo(console: Any, result: Any) -> None:
+    """The output-mode demo's comparison, its spend by phase, and the verdict against the best single."""
+    from rich.table import Table
+
+    from .demo import EVO
+    from .demo_output import BEST_SINGLE
+
+    config = result.config
+    title = "output space: " + _title(result.target, len(result.pool), config.seed, config.quick)
+    caption = "Test metrics on held-out test prompts. Queries/tokens: the scoring pass a row needs."
+    console.print(_rows_table(title, caption, result.rows))
+    spend = Table(title="spend by phase (measured by the scheduler)")
+    spend.add_column("phase", no_wrap=True)
+    for header in ("queries", "cache hits", "tokens"):
+        spend.add_column(header, justify="right", no_wrap=True)
+    for s in result.spend:
+        spend.add_row(s.phase, f"{s.queries:,}", f"{s.cache_hits:,}", f"{s.tokens:,}")
+    console.print(spend)
+    evo, single = result.row(EVO), result.row(BEST_SINGLE)
+    word = "beats" if evo.test_accuracy > single.test_accuracy else "does NOT beat"
+    console.print(
+        f"{EVO} (output space) {word} the best single adapter on test accuracy "
+        f"({100 * evo.test_accuracy:.1f} vs {100 * single.test_accuracy:.1f}); it reads "
+        f"{len(result.spec.active)} of {len(result.pool)} adapters once pruned; its search sent "
+        f"{result.spend[1].queries} queries."
+    )
+    console.print(f"Wrote {result.result_path} (serve it: evomerge serve {result.result_path})")
 
 
 # -- serve-local -----------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
-from evomerge_sdk.cli import build_parser
+from evomerge_sdk.cli import _print_output_demo, build_parser
 from evomerge_sdk.demo import EVO
 from evomerge_sdk.demo_output import BEST_SINGLE, OutputDemoConfig, format_spend, run_output_demo
 from evomerge_sdk.errors import ConfigError
@@ -42,6 +43,13 @@ def test_output_demo_searches_on_cached_scores_and_writes_a_servable_result(tmp_
     assert spec.mode == "output" and spec.reference == "base"
     assert list(spec.alpha) == list(pruned.alpha or ())
     assert "| search (" in format_spend(result.spend)
+    # what `evomerge demo --mode output` prints for this result
+    console = Console(record=True, width=120)
+    _print_output_demo(console, result)
+    printed = console.export_text()
+    assert "output space: " in printed and "(quick)" in printed and "spend by phase" in printed
+    assert all(r.name in printed for r in result.rows) and f"{100 * pruned.test_accuracy:.1f}" in printed
+    assert "the best single adapter on test accuracy" in printed and str(result.result_path) in printed
     # a re-run answers every request from the response cache: nothing is sent
     again = run_output_demo(config)
     assert sum(s.queries for s in again.spend) == 0
