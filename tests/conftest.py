@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
+from evomerge_sdk.local.repository import Repository, RepositoryConfig, build_repository
+
 
 @pytest.fixture
 def anyio_backend() -> str:
@@ -24,3 +26,10 @@ def restore_logging() -> Iterator[None]:
         structlog.configure(**saved)
     else:
         structlog.reset_defaults()
+
+
+@pytest.fixture(scope="session")
+def repo() -> Repository:
+    """The small embedded repository, built in memory once per test run (no test changes it; nothing is
+    written to the user's repository cache)."""
+    return build_repository(RepositoryConfig.small(), use_cache=False)

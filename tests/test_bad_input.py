@@ -26,7 +26,7 @@ from evomerge_sdk.engine import EvoMerge, StageConfig
 from evomerge_sdk.engine.search import SearchConfig
 from evomerge_sdk.errors import BadResponse, ConfigError, EvomergeError, InvalidRequest
 from evomerge_sdk.local.faults import FaultConfig, ServerLimits
-from evomerge_sdk.local.repository import Repository, RepositoryConfig, build_repository
+from evomerge_sdk.local.repository import Repository
 from evomerge_sdk.local.server import LocalService
 from evomerge_sdk.local.sessions import preset_id
 from evomerge_sdk.providers import ChatRequest, Usage
@@ -35,11 +35,6 @@ from evomerge_sdk.service import MergeServiceClient
 
 PRESET = preset_id("ood:ner/news", 5)
 ONCE = RetryPolicy(max_attempts=1)
-
-
-@pytest.fixture(scope="module")
-def repo() -> Repository:
-    return build_repository(RepositoryConfig.small(), use_cache=False)
 
 
 def _clear(message: str) -> None:

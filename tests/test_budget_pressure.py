@@ -15,7 +15,7 @@ from evomerge_openai import OpenAIProvider
 from evomerge_sdk.engine import EvoMerge, StopReason
 from evomerge_sdk.errors import BudgetExceeded
 from evomerge_sdk.local.faults import FaultConfig
-from evomerge_sdk.local.repository import Repository, RepositoryConfig, build_repository
+from evomerge_sdk.local.repository import Repository
 from evomerge_sdk.local.server import LocalService
 from evomerge_sdk.local.sessions import preset_id
 from evomerge_sdk.providers import ChatRequest
@@ -25,11 +25,6 @@ from evomerge_sdk.service import MergeServiceClient, ServiceObjective
 CALLERS = 500
 TOKENS_PER_EVALUATION = 720
 NOTHING_HANGS = 60.0  # seconds; generous for a noisy machine, the runs take a few seconds
-
-
-@pytest.fixture(scope="module")
-def repo() -> Repository:
-    return build_repository(RepositoryConfig.small(), use_cache=False)
 
 
 @pytest.mark.anyio

@@ -8,7 +8,7 @@ import pytest
 from _resume_driver import FAST_RETRY, run_search
 
 from evomerge_sdk.local.faults import FaultConfig
-from evomerge_sdk.local.repository import Repository, RepositoryConfig, build_repository
+from evomerge_sdk.local.repository import Repository
 from evomerge_sdk.local.server import LocalService
 
 # The issue's mix, per request: 10% 500/503, 5% 429 + Retry-After, 2% timeouts, 1% drops, 1% malformed.
@@ -22,11 +22,6 @@ ISSUE_FAULTS = dict(
     malformed_rate=0.01,
 )
 REQUEST_TIMEOUT = 1.0  # a hung request times out after this long and is retried
-
-
-@pytest.fixture(scope="module")
-def repo() -> Repository:
-    return build_repository(RepositoryConfig.small(), use_cache=False)
 
 
 @pytest.mark.anyio

@@ -11,12 +11,7 @@ from evomerge_sdk.engine.operators import keep_count, merge_lora, sparsify
 from evomerge_sdk.errors import ConfigError
 from evomerge_sdk.local.merge import keep_counts_vector
 from evomerge_sdk.local.model import ModelWeights, forward_logits, log_softmax
-from evomerge_sdk.local.repository import Repository, RepositoryConfig, build_repository
-
-
-@pytest.fixture(scope="module")
-def repo() -> Repository:
-    return build_repository(RepositoryConfig.small(), use_cache=False)
+from evomerge_sdk.local.repository import Repository
 
 
 def reference_merge(

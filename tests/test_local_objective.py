@@ -10,12 +10,7 @@ from evomerge_sdk.engine import Candidate, EvaluationContext, EvoMerge, SearchCo
 from evomerge_sdk.engine.cmaes import StopReason
 from evomerge_sdk.errors import BudgetExceeded, ConfigError
 from evomerge_sdk.local.objective import LocalObjective, ObjectiveUsage
-from evomerge_sdk.local.repository import Repository, RepositoryConfig, build_repository
-
-
-@pytest.fixture(scope="module")
-def repo() -> Repository:
-    return build_repository(RepositoryConfig.small(), use_cache=False)
+from evomerge_sdk.local.repository import Repository
 
 
 def make(repo: Repository, **kwargs: int) -> LocalObjective:

@@ -17,11 +17,6 @@ from evomerge_sdk.local.repository import Repository, RepositoryConfig, build_re
 SMALL = RepositoryConfig.small()
 
 
-@pytest.fixture(scope="module")
-def repo() -> Repository:
-    return build_repository(SMALL, use_cache=False)
-
-
 def all_weights(r: Repository) -> list[np.ndarray]:
     base = [getattr(r.base, k) for k in ("embedding", "w1", "b1", "w2", "b2", "w3", "b3")]
     loras = [m for name in r.adapter_names for lora in [r.lora(name)] for m in (*lora.a, *lora.b)]

@@ -7,12 +7,7 @@ import pytest
 
 from evomerge_sdk.errors import ConfigError
 from evomerge_sdk.local import whitebox
-from evomerge_sdk.local.repository import Repository, RepositoryConfig, build_repository
-
-
-@pytest.fixture(scope="module")
-def repo() -> Repository:
-    return build_repository(RepositoryConfig.small(), use_cache=False)
+from evomerge_sdk.local.repository import Repository
 
 
 @pytest.fixture(scope="module")

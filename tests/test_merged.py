@@ -16,7 +16,6 @@ from wire_servers import Answer, OpenAIWireServer, serve
 
 from evomerge_sdk.engine import merge_outputs
 from evomerge_sdk.errors import ConfigError
-from evomerge_sdk.local.repository import RepositoryConfig, build_repository
 from evomerge_sdk.local.server import LocalService
 from evomerge_sdk.local.sessions import preset_id
 from evomerge_sdk.merged import MergedModel, MergedSpec, load_spec, save_spec
@@ -68,22 +67,16 @@ async def test_output_mode_queries_only_models_with_non_zero_alpha_and_beta() ->
             await provider.aclose()
 
 
-@pytest.fixture(scope="module")
-def small_repository() -> Any:
-    return build_repository(RepositoryConfig.small(0))  # the default cache: built once per machine
-
-
 @pytest.fixture
-async def service(small_repository: Any) -> AsyncIterator[LocalService]:
-    async with LocalService(small_repository, pool_sizes=(4,)) as s:
+async def service(repo: Any) -> AsyncIterator[LocalService]:
+    async with LocalService(repo, pool_sizes=(4,)) as s:
         yield s
 
 
 @pytest.mark.anyio
 async def test_output_mode_answers_as_the_offline_merge_of_the_cached_scores(
-    service: LocalService, small_repository: Any
+    service: LocalService, repo: Any
 ) -> None:
-    repo = small_repository
     target = repo.targets()[0]
     pool = repo.pool(target, 4, 0)
     tokens = repo.tokenizer.tokens
@@ -110,10 +103,8 @@ async def test_output_mode_answers_as_the_offline_merge_of_the_cached_scores(
 
 
 @pytest.mark.anyio
-async def test_provider_mode_completes_through_the_merge_service(
-    service: LocalService, small_repository: Any
-) -> None:
-    target = small_repository.targets()[0]
+async def test_provider_mode_completes_through_the_merge_service(service: LocalService, repo: Any) -> None:
+    target = repo.targets()[0]
     pool = service.repository.pool(target, 4, 0)
     spec = MergedSpec(
         mode="provider",

@@ -19,7 +19,6 @@ from wire_servers import Answer, AnthropicWireServer, serve
 
 from evomerge_sdk.engine import DEFAULT, Candidate, EvaluationContext, EvoMerge, Split, merge_outputs
 from evomerge_sdk.errors import BadResponse, ConfigError
-from evomerge_sdk.local.repository import RepositoryConfig, build_repository
 from evomerge_sdk.local.server import LocalService
 from evomerge_sdk.objectives import (
     AnswerSet,
@@ -130,22 +129,16 @@ async def test_search_on_cached_scores_beats_every_single_model() -> None:
     assert result.loss < min(singles)
 
 
-@pytest.fixture(scope="module")
-def small_repository() -> Any:
-    return build_repository(RepositoryConfig.small(0))  # the default cache: built once per machine
-
-
 @pytest.fixture
-async def service(small_repository: Any) -> AsyncIterator[LocalService]:
-    async with LocalService(small_repository, pool_sizes=(4,)) as s:
+async def service(repo: Any) -> AsyncIterator[LocalService]:
+    async with LocalService(repo, pool_sizes=(4,)) as s:
         yield s
 
 
 @pytest.mark.anyio
 async def test_collect_logprob_scores_from_the_embedded_openai_route_once(
-    service: LocalService, small_repository: Any
+    service: LocalService, repo: Any
 ) -> None:
-    repo = small_repository
     target = repo.targets()[0]
     ex = target.validation.subset(slice(0, 12))
     tokens = repo.tokenizer.tokens

@@ -35,7 +35,7 @@ from evomerge_sdk.errors import (
     ProviderError,
     ServerError,
 )
-from evomerge_sdk.local.repository import Repository, RepositoryConfig, build_repository
+from evomerge_sdk.local.repository import Repository
 from evomerge_sdk.local.server import LocalService
 from evomerge_sdk.local.sessions import preset_id
 from evomerge_sdk.providers import ChatRequest, Usage
@@ -45,11 +45,6 @@ from evomerge_sdk.service import MergeServiceClient
 KEY = "sk-evomerge-TEST-7f3a9c1e5b2d8f4a6c0e"
 DRIVER = Path(__file__).with_name("_resume_driver.py")
 PRESET = preset_id("ood:ner/news", 5)
-
-
-@pytest.fixture(scope="module")
-def repo() -> Repository:
-    return build_repository(RepositoryConfig.small(), use_cache=False)
 
 
 def _files(folder: Path) -> list[Path]:

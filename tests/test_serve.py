@@ -19,17 +19,11 @@ import pytest
 from openai.types.chat import ChatCompletion
 
 from evomerge_sdk.errors import ConfigError
-from evomerge_sdk.local.repository import RepositoryConfig, build_repository
 from evomerge_sdk.local.server import LocalService
 from evomerge_sdk.merged import MergedSpec, open_merged, save_spec
 from evomerge_sdk.serve import MergedModelServer
 
 KEY = "sk-merged-test-key"
-
-
-@pytest.fixture(scope="module")
-def small_repository() -> Any:
-    return build_repository(RepositoryConfig.small(0))  # the default cache: built once per machine
 
 
 def _spec(repository: Any) -> MergedSpec:
@@ -45,7 +39,7 @@ def _spec(repository: Any) -> MergedSpec:
         source={
             "kind": "embedded",
             "repository_seed": 0,
-            "small_repository": True,
+            "repo": True,
             "pool_seed": 0,
             "pool_size": 4,
         },
@@ -54,9 +48,9 @@ def _spec(repository: Any) -> MergedSpec:
 
 
 @pytest.fixture
-async def server(small_repository: Any) -> AsyncIterator[MergedModelServer]:
-    async with LocalService(small_repository, pool_sizes=(4,)) as service:
-        spec = _spec(small_repository)
+async def server(repo: Any) -> AsyncIterator[MergedModelServer]:
+    async with LocalService(repo, pool_sizes=(4,)) as service:
+        spec = _spec(repo)
         async with (
             open_merged(spec, base_url=f"{service.url}/v1") as merged,
             MergedModelServer(merged, api_key=KEY, max_body_bytes=4096) as s,
@@ -66,10 +60,10 @@ async def server(small_repository: Any) -> AsyncIterator[MergedModelServer]:
 
 @pytest.mark.anyio
 async def test_the_official_client_gets_a_valid_completion_with_usage(
-    server: MergedModelServer, small_repository: Any
+    server: MergedModelServer, repo: Any
 ) -> None:
     spec = server.model.spec
-    prompt = small_repository.targets()[0].test.prompts[0]
+    prompt = repo.targets()[0].test.prompts[0]
     async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0) as client:
         answer = await client.chat.completions.create(
             model="merged-test",
@@ -127,16 +121,16 @@ class _NeverCalled:
         return None
 
 
-def test_non_loopback_needs_a_key(small_repository: Any) -> None:
+def test_non_loopback_needs_a_key(repo: Any) -> None:
     from evomerge_sdk.merged import MergedModel
 
-    merged = MergedModel(_spec(small_repository), provider=_NeverCalled())
+    merged = MergedModel(_spec(repo), provider=_NeverCalled())
     with pytest.raises(ConfigError, match="api_key"):
         MergedModelServer(merged, host="0.0.0.0")
 
 
 @pytest.mark.anyio
-async def test_a_port_in_use_is_named_and_nothing_stays_open(small_repository: Any) -> None:
+async def test_a_port_in_use_is_named_and_nothing_stays_open(repo: Any) -> None:
     import socket
 
     from evomerge_sdk.merged import MergedModel
@@ -145,7 +139,7 @@ async def test_a_port_in_use_is_named_and_nothing_stays_open(small_repository: A
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = MergedModelServer(MergedModel(_spec(small_repository), provider=_NeverCalled()), port=port)
+        server = MergedModelServer(MergedModel(_spec(repo), provider=_NeverCalled()), port=port)
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
             async with server:
                 raise AssertionError("started on a taken port")
@@ -166,9 +160,9 @@ def test_bearer_and_loopback_checks() -> None:
 
 
 def test_cli_serve_starts_the_embedded_service_and_answers_the_openai_client(
-    small_repository: Any, tmp_path: Path
+    repo: Any, tmp_path: Path
 ) -> None:
-    path = save_spec(_spec(small_repository), tmp_path / "merged.json")
+    path = save_spec(_spec(repo), tmp_path / "merged.json")
     env = {**os.environ, "EVOMERGE_API_KEY": KEY}
     cmd = [sys.executable, "-m", "evomerge_sdk.cli", "serve", str(path), "--port", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
@@ -178,12 +172,12 @@ def test_cli_serve_starts_the_embedded_service_and_answers_the_openai_client(
         assert line, proc.stderr.read() if proc.stderr else ""
         info = json.loads(line)
         client = openai.OpenAI(base_url=info["base_url"], api_key=KEY, max_retries=0)
-        prompt = small_repository.targets()[0].test.prompts[1]
+        prompt = repo.targets()[0].test.prompts[1]
         answer = client.chat.completions.create(
             model=info["model"], messages=[{"role": "user", "content": prompt}]
         )
         assert isinstance(answer, ChatCompletion)
-        assert answer.choices[0].message.content in _spec(small_repository).answer_set
+        assert answer.choices[0].message.content in _spec(repo).answer_set
         assert answer.usage is not None and answer.usage.prompt_tokens > 0
         client.close()
     finally:
@@ -193,14 +187,14 @@ def test_cli_serve_starts_the_embedded_service_and_answers_the_openai_client(
 
 
 @pytest.mark.anyio
-async def test_provider_side_merge_served_to_the_official_client(small_repository: Any) -> None:
+async def test_provider_side_merge_served_to_the_official_client(repo: Any) -> None:
     from evomerge_sdk.local.sessions import preset_id
 
-    target = small_repository.targets()[0]
-    async with LocalService(small_repository, pool_sizes=(4,)) as service:
+    target = repo.targets()[0]
+    async with LocalService(repo, pool_sizes=(4,)) as service:
         spec = MergedSpec(
             mode="provider",
-            pool=small_repository.pool(target, 4, 0),
+            pool=repo.pool(target, 4, 0),
             alpha=(1.0, 0.5, 0.0, 1.0),
             beta=(0.5, 0.5, 0.2, -0.1),
             preset_id=preset_id(target.name, 4),

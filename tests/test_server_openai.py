@@ -6,15 +6,10 @@ import pytest
 
 from evomerge_sdk.errors import InvalidRequest
 from evomerge_sdk.local.faults import ServerLimits
-from evomerge_sdk.local.repository import Repository, RepositoryConfig, build_repository
+from evomerge_sdk.local.repository import Repository
 from evomerge_sdk.local.server import LocalService
 from evomerge_sdk.providers import ChatRequest
 from evomerge_sdk.scheduler import RetryPolicy, Scheduler
-
-
-@pytest.fixture(scope="module")
-def repo() -> Repository:
-    return build_repository(RepositoryConfig.small(), use_cache=False)
 
 
 @pytest.mark.anyio

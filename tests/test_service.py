@@ -14,7 +14,7 @@ import pytest
 from evomerge_sdk.engine import DEFAULT, Candidate, EvaluationContext, EvoMerge, Split, StopReason
 from evomerge_sdk.errors import AuthenticationError, BudgetExceeded, ConfigError, InvalidRequest
 from evomerge_sdk.local.faults import FaultConfig, ServerLimits
-from evomerge_sdk.local.repository import Repository, RepositoryConfig, build_repository
+from evomerge_sdk.local.repository import Repository
 from evomerge_sdk.local.server import LocalService
 from evomerge_sdk.local.sessions import preset_id
 from evomerge_sdk.scheduler import Budget, RetryPolicy, Scheduler
@@ -27,11 +27,6 @@ SMALL_SEARCH = attrs.evolve(
     denoise=attrs.evolve(DEFAULT.denoise, max_evaluations=30, popsize=6),
     scale=attrs.evolve(DEFAULT.scale, max_evaluations=60, popsize=6),
 )
-
-
-@pytest.fixture(scope="module")
-def repo() -> Repository:
-    return build_repository(RepositoryConfig.small(), use_cache=False)
 
 
 def candidates(n: int, k: int, seed: int) -> list[Candidate]:
