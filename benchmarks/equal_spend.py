@@ -22,23 +22,16 @@ LoRAHub-style, in points.
 
 from __future__ import annotations
 
-import argparse
-import json
-import multiprocessing
 import os
-import platform
 import statistics
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads, in workers too
 
 import anyio
 import attrs
 import numpy as np
+from _ood_cases import run_cases  # also puts this checkout first on sys.path
 
 from evomerge_sdk.engine.budget import fit_to_queries, planned_queries
 from evomerge_sdk.engine.objective import Candidate
@@ -153,28 +146,7 @@ def report(cases: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="seed 0, two OOD targets (< 60 s)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--pool", type=int, default=20)
-    parser.add_argument("--jobs", type=int, default=1, help="worker processes")
-    args = parser.parse_args()
-    seeds = args.seeds or ([0] if args.quick else list(range(10)))
-    started = time.perf_counter()
-    repos = {s: build_repository(RepositoryConfig(seed=s)) for s in seeds}  # fill the build cache once
-    targets = [t.name for t in repos[seeds[0]].targets() if t.kind == "ood"]
-    if args.quick:
-        targets = targets[:2]
-    jobs = [(s, t, args.pool) for s in seeds for t in targets]
-    with multiprocessing.Pool(args.jobs) as workers:
-        cases = workers.map(run_job, jobs)
-    print(
-        f"# equal spend: pool {args.pool}, seeds {seeds}, targets {targets}; "
-        f"python {platform.python_version()}, numpy {np.__version__}, {os.cpu_count()} cores, "
-        f"{time.perf_counter() - started:.0f} s\n"
-    )
-    summary = report(cases)
-    print(json.dumps(summary, separators=(",", ":")))
+    run_cases(__doc__, "equal spend", run_job, report)
 
 
 if __name__ == "__main__":
