@@ -124,10 +124,38 @@ class HTTPClient:
         `rate_limits` reads the API's rate-limit headers; `final_429` tells, from the error object, a 429
         that waiting cannot fix (a spend limit, an exhausted quota) from a rate limit.
         """
-        answer = await self._post(url, body, headers, params)
-        limits = rate_limits(answer.headers)
+        if body.get("stream"):
+            raise ConfigError("stream=True is not supported: a provider returns whole completions")
+        try:
+            data = json.dumps(body, allow_nan=False, ensure_ascii=False).encode()
+        except UnicodeEncodeError as exc:
+            raise ConfigError(f"the request holds text that is not valid Unicode: {exc}") from exc
+        except ValueError as exc:
+            raise ConfigError(f"the request holds a non-finite number: {exc}") from exc
+        answer = await self._send(
+            "POST", url, {**headers, "Content-Type": "application/json"}, params=params, data=data
+        )
+        return self._answer(answer, rate_limits, final_429), rate_limits(answer.headers)
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        *,
+        rate_limits: Callable[[Mapping[str, str]], RateLimitInfo | None],
+    ) -> Any:
+        """Send a body-less request (GET, DELETE); the parsed JSON answer, or the SDK error for it."""
+        return self._answer(await self._send(method, url, headers), rate_limits, lambda error: False)
+
+    def _answer(
+        self,
+        answer: HTTPAnswer,
+        rate_limits: Callable[[Mapping[str, str]], RateLimitInfo | None],
+        final_429: Callable[[Mapping[str, Any]], bool],
+    ) -> Any:
         if 200 <= answer.status < 300:
-            return self._parse_json(answer), limits
+            return self._parse_json(answer)
         try:
             data = json.loads(answer.text)
         except ValueError:
@@ -137,28 +165,28 @@ class HTTPClient:
         error = error if isinstance(error, dict) else {}
         parts = [error.get("type"), error.get("message")]
         message = ": ".join(p for p in parts if isinstance(p, str)) or answer.text[:200] or "(empty body)"
-        raise self._error(answer, message, limits, never_retry=answer.status == 429 and final_429(error))
+        never_retry = answer.status == 429 and final_429(error)
+        raise self._error(answer, message, rate_limits(answer.headers), never_retry=never_retry)
 
-    async def _post(
-        self, url: str, body: Mapping[str, Any], headers: Mapping[str, str], params: Mapping[str, str]
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        *,
+        params: Mapping[str, str] | None = None,
+        data: bytes | None = None,
     ) -> HTTPAnswer:
         if self._closed:
             raise ConfigError(f"the {self.provider} provider is closed")
-        if body.get("stream"):
-            raise ConfigError("stream=True is not supported: a provider returns whole completions")
-        try:
-            data = json.dumps(body, allow_nan=False, ensure_ascii=False).encode()
-        except UnicodeEncodeError as exc:
-            raise ConfigError(f"the request holds text that is not valid Unicode: {exc}") from exc
-        except ValueError as exc:
-            raise ConfigError(f"the request holds a non-finite number: {exc}") from exc
         if self._session is None:
             self._session = aiohttp.ClientSession()
         try:
-            async with self._session.post(
+            async with self._session.request(
+                method,
                 url,
                 data=data,
-                headers={**headers, "Content-Type": "application/json", "Accept": "application/json"},
+                headers={**headers, "Accept": "application/json"},
                 params=params,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 ssl=self._ssl,

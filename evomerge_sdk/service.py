@@ -20,7 +20,6 @@ logged once), `complete` and `delete_session`. So it works unchanged against the
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import ssl
@@ -36,8 +35,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .engine.objective import Candidate, EvaluationContext, Split
-from .errors import BadResponse, BudgetExceeded, ConfigError, ConnectionFailed, Timeout
-from .http import HTTPAnswer, HTTPClient, check_base_url
+from .errors import BadResponse, BudgetExceeded, ConfigError
+from .http import HTTPClient, check_base_url
 from .local.echo_server import parse_rate_limit_headers
 from .local.merge import check_coefficients
 from .logs import get_logger
@@ -138,43 +137,6 @@ class ServiceCompletion:
     cached: bool = False
 
 
-class _Transport(HTTPClient):
-    """`HTTPClient` plus GET and DELETE, with the same failure mapping (the protocol needs both)."""
-
-    async def request(self, method: str, url: str, headers: Mapping[str, str]) -> Any:
-        """Send a body-less request; the parsed JSON answer, or the SDK error for the failure."""
-        if self._closed:
-            raise ConfigError(f"the {self.provider} client is closed")
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
-        try:
-            async with self._session.request(
-                method,
-                url,
-                headers={**headers, "Accept": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-                ssl=self._ssl,
-                allow_redirects=False,
-            ) as resp:
-                status, resp_headers, raw = resp.status, resp.headers, await self.read_capped(resp)
-        except asyncio.TimeoutError as exc:
-            raise self._transport_failure(Timeout, f"no answer within {self.timeout:g} s", exc) from exc
-        except aiohttp.ClientError as exc:
-            raise self._transport_failure(ConnectionFailed, f"{type(exc).__name__}: {exc}", exc) from exc
-        answer = HTTPAnswer(status, resp_headers, raw.decode("utf-8", errors="replace"))
-        if 200 <= status < 300:
-            return self._parse_json(answer)
-        try:
-            data = json.loads(answer.text)
-        except ValueError:
-            data = None
-        error = data.get("error", data) if isinstance(data, dict) else None
-        message = error.get("message") if isinstance(error, dict) else None
-        if not isinstance(message, str):
-            message = answer.text[:200] or "(empty body)"
-        raise self._error(answer, message, parse_rate_limit_headers(resp_headers), never_retry=False)
-
-
 def _number(value: Any, where: str, *, allow_null: bool = False) -> float | None:
     if value is None and allow_null:
         return None
@@ -263,7 +225,7 @@ class MergeServiceClient:
         self._own_scheduler = scheduler is None
         self.scheduler = scheduler if scheduler is not None else Scheduler()
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = _Transport(
+        self._http = HTTPClient(
             provider="merge-service",
             timeout=timeout,
             verify_tls=verify_tls,
@@ -296,6 +258,11 @@ class MergeServiceClient:
                 await self.scheduler.__aexit__(None, None, None)
 
     # -- plumbing --------------------------------------------------------------------------------
+    async def _bodiless(self, method: str, *path: str) -> Any:
+        # GET and DELETE: no body, no scheduler (they bill nothing), the same failure mapping as POSTs.
+        url = self._url(*path)
+        return await self._http.request(method, url, self._headers, rate_limits=parse_rate_limit_headers)
+
     def _url(self, *parts: str) -> str:
         return self.base_url + "/" + "/".join(quote(p, safe="") for p in parts)
 
@@ -321,7 +288,9 @@ class MergeServiceClient:
     # -- routes ----------------------------------------------------------------------------------
     async def health(self) -> dict[str, Any]:
         """`GET /health`; remembers the extensions the server lists."""
-        data = await self._http.request("GET", self._url("health"), self._headers)
+        data = await self._http.request(
+            "GET", self._url("health"), self._headers, rate_limits=parse_rate_limit_headers
+        )
         if not isinstance(data, dict) or data.get("status") != "ok":
             raise BadResponse(f"merge-service health answer is not {{'status': 'ok'}}: {data!r:.120}")
         ext = data.get("extensions")
@@ -339,7 +308,9 @@ class MergeServiceClient:
 
     async def presets(self) -> list[ServicePreset]:
         """`GET /v1/presets`: the pools on offer."""
-        data = await self._http.request("GET", self._url("v1", "presets"), self._headers)
+        data = await self._http.request(
+            "GET", self._url("v1", "presets"), self._headers, rate_limits=parse_rate_limit_headers
+        )
         items = data.get("items") if isinstance(data, dict) else None
         if not isinstance(items, list):
             raise BadResponse("the presets answer has no items list")
@@ -418,7 +389,12 @@ class MergeServiceClient:
         """Free a session on the server (an extension); False when the server cannot delete sessions."""
         if "delete_session" not in await self.extensions():
             return False
-        await self._http.request("DELETE", self._url("v1", "sessions", session.session_id), self._headers)
+        await self._http.request(
+            "DELETE",
+            self._url("v1", "sessions", session.session_id),
+            self._headers,
+            rate_limits=parse_rate_limit_headers,
+        )
         return True
 
     def worst_case(self, session: ServiceSession, examples: Sequence[int] | None) -> int:
