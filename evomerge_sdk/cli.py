@@ -162,8 +162,10 @@ def _rows_table(title: str, caption: str, rows: Sequence[Any]) -> Any:
     return table
 
 
-def _title(target: str, pool: int, seed: int, quick: bool) -> str:
-    return f"{target}, pool of {pool}, seed {seed}" + (" (quick)" if quick else "")
+def _title(target: str, pool: int, config: Any) -> str:
+    # The Evo-Merging row runs `config.preset`: name it when it is not the default.
+    preset = "" if config.preset == "default" else f", Evo-Merging row: preset {config.preset}"
+    return f"{target}, pool of {pool}, seed {config.seed}{preset}" + (" (quick)" if config.quick else "")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -200,7 +202,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         "the service. † white-box: reads the adapters' weights and runs on the repository directly; "
         "its counts are what the same evaluations would cost through the service."
     )
-    title = _title(result.target, len(result.pool), config.seed, config.quick)
+    title = _title(result.target, len(result.pool), config)
     console.print(_rows_table(title, caption, result.rows))
     console.print(verdict(result.rows))
     where = [str(result.result_path)] + ([str(result.plot_path)] if result.plot_path else [])
@@ -237,7 +239,7 @@ def _print_output_demo(console: Any, result: Any) -> None:
     from .demo_output import BEST_SINGLE
 
     config = result.config
-    title = "output space: " + _title(result.target, len(result.pool), config.seed, config.quick)
+    title = "output space: " + _title(result.target, len(result.pool), config)
     caption = "Test metrics on held-out test prompts. Queries/tokens: the scoring pass a row needs."
     console.print(_rows_table(title, caption, result.rows))
     spend = Table(title="spend by phase (measured by the scheduler)")

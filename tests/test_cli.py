@@ -97,3 +97,12 @@ def test_live_progress_shows_generation_best_loss_and_spend() -> None:
     shown = buffer.getvalue()
     for text in ("Evo-Merging: scale, gen 7, best loss 1.2345", "504,000 / 8,000,000 tokens", "two-stage"):
         assert text in shown
+
+
+def test_the_table_title_names_a_preset_other_than_the_default() -> None:
+    from evomerge_sdk.cli import _title
+    from evomerge_sdk.demo import DemoConfig
+
+    assert _title("ood:ner/news", 20, DemoConfig()) == "ood:ner/news, pool of 20, seed 0"
+    title = _title("ood:ner/news", 20, DemoConfig(preset="default/no_denoising", quick=True, seed=3))
+    assert title == "ood:ner/news, pool of 20, seed 3, Evo-Merging row: preset default/no_denoising (quick)"
