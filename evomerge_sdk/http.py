@@ -411,23 +411,39 @@ def refuse_unauthorized(request: web.Request, key: bytes | None) -> web.Response
     )
 
 
-async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Serve `app` on host:port (0: a free port, read it from `runner.addresses`); close the runner to stop.
+class AppServer:
+    """What the SDK's servers share: one aiohttp app served on `host`:`port` (0: a free port, known once
+    started), stopped by `_stop`. A subclass sets `host` and `port` and calls `_serve` from `__aenter__`."""
 
-    A port in use or a missing interface is the caller's setting, so it is a `ConfigError` saying so.
-    """
-    # handler_cancellation: a client that gives up ends its (possibly hanging) handler too.
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner
+    host: str
+    port: int
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. http://127.0.0.1:43127 (an OpenAI client's base_url is this plus /v1)."""
+        return f"http://{self.host}:{self.port}"
+
+    async def _serve(self, app: web.Application) -> None:
+        # A port in use or a missing interface is the caller's setting, so it is a ConfigError saying so.
+        # handler_cancellation: a client that gives up ends its (possibly hanging) handler too.
+        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self.port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ConfigError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+
+    async def _stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
 
 
 async def until_terminated() -> None:

@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from .errors import BudgetExceeded, ConfigError, EvomergeError, ProviderError
-from .http import is_loopback, json_error, refuse_unauthorized, start_site, until_terminated
+from .http import AppServer, is_loopback, json_error, refuse_unauthorized, until_terminated
 from .logs import get_logger
 from .merged import MergedModel
 from .providers import Completion, Message, Role
@@ -73,7 +73,7 @@ def _positive(body: dict[str, Any], name: str) -> int | None:
     return value
 
 
-class MergedModelServer:
+class MergedModelServer(AppServer):
     """Serves one `MergedModel` on an OpenAI-compatible route (see the module doc); `async with` it."""
 
     def __init__(
@@ -99,35 +99,25 @@ class MergedModelServer:
         self.model_name = model_name or model.name
         self.max_body_bytes = max_body_bytes
         self._api_key = api_key.encode() if api_key else None
-        self._runner: web.AppRunner | None = None
         self.requests = 0
 
     def __repr__(self) -> str:  # never the key
         auth = self._api_key is not None
         return f"MergedModelServer(url={self.url!r}, model={self.model_name!r}, auth={auth})"
 
-    @property
-    def url(self) -> str:
-        """Base URL (the OpenAI base_url is this plus /v1)."""
-        return f"http://{self.host}:{self.port}"
-
     async def __aenter__(self) -> MergedModelServer:
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._front])
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
-        runner = await start_site(app, self.host, self.port)
-        self._runner = runner
-        self.port = runner.addresses[0][1]
+        await self._serve(app)
         _log.info("merged_model_served", url=self.url, model=self.model_name)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self._stop()
 
     @web.middleware
     async def _front(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -44,6 +44,7 @@ from ..errors import (
     Timeout,
 )
 from ..http import (
+    AppServer,
     Window,
     bearer_matches,
     check_base_url,
@@ -51,7 +52,6 @@ from ..http import (
     is_loopback,
     rate_limit_info,
     retry_after_seconds,
-    start_site,
     until_terminated,
 )
 from ..providers import ChatRequest, Completion, RateLimitInfo, TokenLogprob, Usage
@@ -97,7 +97,7 @@ def _logprobs(tokens: list[str], top: int) -> dict[str, Any]:
     return {"content": content}
 
 
-class EchoServer:
+class EchoServer(AppServer):
     """The echo chat-completions server as an async context manager (127.0.0.1, port 0 by default)."""
 
     def __init__(
@@ -121,25 +121,15 @@ class EchoServer:
         self.app.router.add_get("/health", self._health)
         self.app.router.add_get("/stats", self._stats)
         self.app.router.add_post("/stats/reset", self._reset)
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        """Base URL, e.g. http://127.0.0.1:43127 (valid once started)."""
-        return f"http://{self.host}:{self.port}"
 
     async def __aenter__(self) -> EchoServer:
-        runner = await start_site(self.app, self.host, self.port)
-        self._runner = runner
-        self.port = runner.addresses[0][1]
+        await self._serve(self.app)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self._stop()
 
     def provider(self, **kwargs: Any) -> EchoProvider:
         """An `EchoProvider` for this server (with its API key, if it has one); close it with `aclose`."""

@@ -52,7 +52,7 @@ import numpy as np
 from aiohttp import web
 
 from ..errors import ConfigError
-from ..http import is_loopback, json_error, refuse_unauthorized, start_site, until_terminated
+from ..http import AppServer, is_loopback, json_error, refuse_unauthorized, until_terminated
 from ..logs import get_logger
 from ..scheduler._checks import check_number
 from .faults import FaultConfig, FaultInjector, ServerLimits, ServerStats, record_served
@@ -116,7 +116,7 @@ class _Open:
     last_used: float
 
 
-class LocalService:
+class LocalService(AppServer):
     """The embedded merge service as an async context manager (127.0.0.1 and a free port by default).
 
     `repository` (or `repository_config`, default the 110-adapter hub, cached on disk) is what it serves;
@@ -188,18 +188,12 @@ class LocalService:
         )
         self.catalog: Catalog | None = None
         self._sessions: dict[str, _Open] = {}
-        self._runner: web.AppRunner | None = None
 
     def __repr__(self) -> str:  # never the key
         auth = self._api_key is not None
         return f"LocalService(url={self.url!r}, auth={auth}, reference_only={self.reference_only})"
 
     # -- lifecycle -------------------------------------------------------------------------------
-    @property
-    def url(self) -> str:
-        """Base URL, e.g. http://127.0.0.1:43127 (the port is known once started)."""
-        return f"http://{self.host}:{self.port}"
-
     @property
     def repository(self) -> Repository:
         """The repository served (available once started)."""
@@ -221,18 +215,14 @@ class LocalService:
             client_max_size=self.max_body_bytes, middlewares=[self._front, self.injector.middleware]
         )
         self._add_routes(app)
-        runner = await start_site(app, self.host, self.port)
-        self._runner = runner
-        self.port = runner.addresses[0][1]
+        await self._serve(app)
         _log.info("local_service_started", url=self.url, presets=len(self.catalog.presets))
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self._stop()
         self._sessions.clear()
 
     def _add_routes(self, app: web.Application) -> None:
