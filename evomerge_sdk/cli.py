@@ -168,6 +168,20 @@ def _title(target: str, pool: int, config: Any) -> str:
     return f"{target}, pool of {pool}, seed {config.seed}{preset}" + (" (quick)" if config.quick else "")
 
 
+def _demo_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags both demo modes read, as config fields."""
+    return {
+        "seed": args.seed,
+        "pool_size": args.pool_size,
+        "target": args.target,
+        "quick": args.quick,
+        "out_dir": args.out,
+        "repository_seed": args.repository_seed,
+        "preset": args.preset,
+        "response_cache": args.cache,
+    }
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     if getattr(args, "mode", "parameter") == "output":
         _require_cli_extra("rich")
@@ -176,16 +190,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, PlainReporter, Reporter, run_demo, verdict
 
     config = DemoConfig(
-        seed=args.seed,
-        pool_size=args.pool_size,
-        target=args.target,
-        budget_tokens=args.budget,
-        quick=args.quick,
-        out_dir=args.out,
-        repository_seed=args.repository_seed,
-        preset=args.preset,
-        search_evaluations=args.search_evaluations,
-        response_cache=args.cache,
+        **_demo_settings(args), budget_tokens=args.budget, search_evaluations=args.search_evaluations
     )
     console = _console()
     reporter: Reporter
@@ -215,17 +220,7 @@ def _run_output_demo(args: argparse.Namespace) -> int:
     from .demo import PlainReporter
     from .demo_output import OutputDemoConfig, run_output_demo
 
-    config = OutputDemoConfig(
-        seed=args.seed,
-        pool_size=args.pool_size,
-        target=args.target,
-        quick=args.quick,
-        out_dir=args.out,
-        repository_seed=args.repository_seed,
-        preset=args.preset,
-        reference=args.reference,
-        response_cache=args.cache,
-    )
+    config = OutputDemoConfig(**_demo_settings(args), reference=args.reference)
     console = _console()
     _print_output_demo(console, run_output_demo(config, PlainReporter(sys.stdout)))
     return 0
