@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import structlog
 
 from evomerge_sdk.local.repository import Repository, RepositoryConfig, build_repository
+from evomerge_sdk.local.server import LocalService
 
 
 @pytest.fixture
@@ -33,3 +34,10 @@ def repo() -> Repository:
     """The small embedded repository, built in memory once per test run (no test changes it; nothing is
     written to the user's repository cache)."""
     return build_repository(RepositoryConfig.small(), use_cache=False)
+
+
+@pytest.fixture
+async def service(repo: Repository) -> AsyncIterator[LocalService]:
+    """The embedded service over `repo` with pools of 4 (test modules that need other pools override it)."""
+    async with LocalService(repo, pool_sizes=(4,)) as s:
+        yield s

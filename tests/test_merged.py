@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +64,6 @@ async def test_output_mode_queries_only_models_with_non_zero_alpha_and_beta() ->
                 assert merged.models_queried == Counter({"a": 1, "b": 1, "c": 1, "d": 1})
         finally:
             await provider.aclose()
-
-
-@pytest.fixture
-async def service(repo: Any) -> AsyncIterator[LocalService]:
-    async with LocalService(repo, pool_sizes=(4,)) as s:
-        yield s
 
 
 @pytest.mark.anyio

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -127,12 +126,6 @@ async def test_search_on_cached_scores_beats_every_single_model() -> None:
     result = await EvoMerge(objective, 3, config).run()
     singles = [cross_entropy(pool[i], labels) for i in range(3)]
     assert result.loss < min(singles)
-
-
-@pytest.fixture
-async def service(repo: Any) -> AsyncIterator[LocalService]:
-    async with LocalService(repo, pool_sizes=(4,)) as s:
-        yield s
 
 
 @pytest.mark.anyio
