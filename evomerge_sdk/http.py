@@ -1,6 +1,6 @@
 """HTTP plumbing shared by every provider: session lifetime, failure mapping, rate-limit headers; and,
 for the SDK's own servers (the embedded service, the merged-model server, the echo server), starting a
-site, the loopback and bearer-token checks, and the shutdown wait.
+site, the loopback and bearer-token checks, refusals answered as JSON, and the shutdown wait.
 
 Adapters (and the merge-service client) build on it so each provider module only translates its own
 wire format; every status and transport failure maps onto `evomerge_sdk.errors` in one place.
@@ -19,7 +19,7 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import aiohttp
@@ -386,6 +386,24 @@ def bearer_matches(authorization: str, key: bytes) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key)
 
 
+class Refusal(Exception):
+    """A request one of the SDK's servers refuses: HTTP status, a message naming the problem, an error
+    type (the OpenAI `error.type`), and headers such as `Retry-After`. `AppServer` answers it as JSON."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+        self.headers = dict(headers or {})
+
+
 def json_error(
     status: int, message: str, kind: str, headers: Mapping[str, str] | None = None
 ) -> web.Response:
@@ -394,30 +412,24 @@ def json_error(
     return web.json_response(body, status=status, headers=headers)
 
 
-def refuse_unauthorized(request: web.Request, key: bytes | None) -> web.Response | None:
-    """The 401 answer for a /v1/ request without `Bearer <key>`; None when it may pass (or no key is set).
-
-    Health and other routes outside /v1/ stay open, so a load balancer can probe without the key.
-    """
-    if key is None or not request.path.startswith("/v1/"):
-        return None
-    if bearer_matches(request.headers.get("Authorization", ""), key):
-        return None
-    return json_error(
-        401,
-        "missing or invalid bearer token (send 'Authorization: Bearer <key>')",
-        "authentication_error",
-        {"WWW-Authenticate": "Bearer"},
-    )
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class AppServer:
     """What the SDK's servers share: one aiohttp app served on `host`:`port` (0: a free port, known once
-    started), stopped by `_stop`. A subclass sets `host` and `port` and calls `_serve` from `__aenter__`."""
+    started), stopped by `_stop`; bearer-token auth on /v1/ and every refusal answered as JSON (`_front`).
+
+    A subclass sets `host`, `port`, `max_body_bytes` and `_api_key`, adds `_front` to its app's
+    middlewares and calls `_serve` from `__aenter__`.
+    """
 
     host: str
     port: int
+    max_body_bytes: int
+    _api_key: bytes | None = None
     _runner: web.AppRunner | None = None
+    _routes_hint: str = ""
+    """Appended to a 404's message: where a lost client can look."""
 
     @property
     def url(self) -> str:
@@ -444,6 +456,39 @@ class AppServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    @web.middleware
+    async def _front(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Authentication first (a refused client costs nothing further), then JSON for every refusal."""
+        # Health and other routes outside /v1/ stay open, so a load balancer can probe without the key.
+        if (
+            self._api_key is not None
+            and request.path.startswith("/v1/")
+            and not bearer_matches(request.headers.get("Authorization", ""), self._api_key)
+        ):
+            return json_error(
+                401,
+                "missing or invalid bearer token (send 'Authorization: Bearer <key>')",
+                "authentication_error",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        return await self._respond(request, handler)
+
+    async def _respond(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """`handler`'s answer, or its `Refusal` or aiohttp HTTP error as a JSON error answer."""
+        try:
+            return await handler(request)
+        except Refusal as exc:
+            return json_error(exc.status, exc.message, exc.kind, exc.headers)
+        except web.HTTPException as exc:
+            if exc.status == 413:
+                message = f"the request body exceeds this server's limit of {self.max_body_bytes} bytes"
+                return json_error(413, message, "request_too_large")
+            where = f"{request.method} {request.path}"
+            if exc.status == 404:
+                return json_error(404, f"no route {where}{self._routes_hint}", "not_found_error")
+            kind = "method_not_allowed" if exc.status == 405 else "http_error"
+            return json_error(exc.status, f"{exc.reason or 'request refused'}: {where}", kind)
 
 
 async def until_terminated() -> None:

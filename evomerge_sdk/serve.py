@@ -19,14 +19,14 @@ import json
 import secrets
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 from aiohttp import web
 
 from .errors import BudgetExceeded, ConfigError, EvomergeError, ProviderError
-from .http import AppServer, is_loopback, json_error, refuse_unauthorized, until_terminated
+from .http import AppServer, Refusal, is_loopback, until_terminated
 from .logs import get_logger
 from .merged import MergedModel
 from .providers import Completion, Message, Role
@@ -34,33 +34,26 @@ from .providers import Completion, Message, Role
 __all__ = ["MergedModelServer", "serve_merged"]
 
 _log = get_logger("evomerge_sdk.serve")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class _Refused(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
 
 
 def _messages(value: Any) -> tuple[Message, ...]:
     if not isinstance(value, list) or not value:
-        raise _Refused(400, "messages must be a non-empty list of {role, content} objects")
+        raise Refusal(400, "messages must be a non-empty list of {role, content} objects")
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-            raise _Refused(400, f"messages[{i}] needs a role of system, developer, user or assistant")
+            raise Refusal(400, f"messages[{i}] needs a role of system, developer, user or assistant")
         content = m.get("content")
         if isinstance(content, list) and all(isinstance(p, dict) for p in content):
             parts = [p.get("text") for p in content if p.get("type") == "text"]
             if parts and all(isinstance(p, str) for p in parts):
                 content = " ".join(str(p) for p in parts)
         if not isinstance(content, str):
-            raise _Refused(400, f"messages[{i}].content must be a string or a list of text parts")
+            raise Refusal(400, f"messages[{i}].content must be a string or a list of text parts")
         role: Role = "user" if m["role"] == "user" else "assistant" if m["role"] == "assistant" else "system"
         out.append(Message(role, content))
     if not any(m.role == "user" for m in out):
-        raise _Refused(400, "messages must include a user message")
+        raise Refusal(400, "messages must include a user message")
     return tuple(out)
 
 
@@ -69,12 +62,14 @@ def _positive(body: dict[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _Refused(400, f"{name} must be a positive integer, got {value!r}")
+        raise Refusal(400, f"{name} must be a positive integer, got {value!r}")
     return value
 
 
 class MergedModelServer(AppServer):
     """Serves one `MergedModel` on an OpenAI-compatible route (see the module doc); `async with` it."""
+
+    _routes_hint = ": this server has GET /health, GET /v1/models and POST /v1/chat/completions"
 
     def __init__(
         self,
@@ -119,22 +114,6 @@ class MergedModelServer(AppServer):
     ) -> None:
         await self._stop()
 
-    @web.middleware
-    async def _front(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Bearer auth on /v1/, then every refusal as an OpenAI-shaped JSON error."""
-        refused = refuse_unauthorized(request, self._api_key)
-        if refused is not None:
-            return refused
-        try:
-            return await handler(request)
-        except _Refused as exc:
-            return json_error(exc.status, exc.message, exc.kind)
-        except web.HTTPException as exc:
-            if exc.status == 413:
-                return json_error(413, f"the body exceeds {self.max_body_bytes} bytes", "request_too_large")
-            kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
-            return json_error(exc.status, f"{exc.reason}: {request.method} {request.path}", kind)
-
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "model": self.model_name, "mode": self.model.spec.mode})
 
@@ -147,35 +126,35 @@ class MergedModelServer(AppServer):
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise _Refused(400, f"the body is not valid JSON: {exc}") from None
+            raise Refusal(400, f"the body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
-            raise _Refused(400, "the body must be a JSON object")
+            raise Refusal(400, "the body must be a JSON object")
         model = body.get("model")
         if model != self.model_name:
-            raise _Refused(404, f"The model {model!r} does not exist: this server serves {self.model_name!r}",
+            raise Refusal(404, f"The model {model!r} does not exist: this server serves {self.model_name!r}",
                            "model_not_found")  # fmt: skip
         if body.get("stream"):
-            raise _Refused(400, "stream=true is not supported: this server returns whole completions")
+            raise Refusal(400, "stream=true is not supported: this server returns whole completions")
         if body.get("n", 1) != 1:
-            raise _Refused(400, "n must be 1")
+            raise Refusal(400, "n must be 1")
         messages = _messages(body.get("messages"))
         max_tokens = _positive(body, "max_completion_tokens") or _positive(body, "max_tokens") or 1
         logprobs = body.get("logprobs", False)
         if not isinstance(logprobs, bool):
-            raise _Refused(400, "logprobs must be true or false")
+            raise Refusal(400, "logprobs must be true or false")
         top = body.get("top_logprobs")
         if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
-            raise _Refused(400, "top_logprobs must be an integer in [0, 20]")
+            raise Refusal(400, "top_logprobs must be an integer in [0, 20]")
         if top and not logprobs:
-            raise _Refused(400, "top_logprobs needs logprobs=true")
+            raise Refusal(400, "top_logprobs needs logprobs=true")
         try:
             completion = await self.model.complete(messages, max_tokens=max_tokens)
         except BudgetExceeded as exc:
-            raise _Refused(429, f"the merged model's budget is spent: {exc}", "insufficient_quota") from None
+            raise Refusal(429, f"the merged model's budget is spent: {exc}", "insufficient_quota") from None
         except ProviderError as exc:
-            raise _Refused(502, f"an upstream model failed: {exc}", "upstream_error") from None
+            raise Refusal(502, f"an upstream model failed: {exc}", "upstream_error") from None
         except (ConfigError, EvomergeError) as exc:
-            raise _Refused(400, str(exc)) from None
+            raise Refusal(400, str(exc)) from None
         self.requests += 1
         return web.json_response(self._answer(completion, logprobs, top or 0))
 

@@ -106,6 +106,10 @@ async def test_the_official_client_gets_a_valid_completion_with_usage(
             assert (await resp.json())["error"]["type"] == "request_too_large"
         async with session.post(f"{server.url}/v1/chat/completions", data=b"{", headers=headers) as resp:
             assert resp.status == 400
+        async with session.get(f"{server.url}/v1/nothing", headers=headers) as resp:
+            assert resp.status == 404
+            message = (await resp.json())["error"]["message"]
+            assert message.startswith("no route GET /v1/nothing: this server has GET /health")
     assert server.requests == 1
 
 

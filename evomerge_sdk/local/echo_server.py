@@ -112,7 +112,7 @@ class EchoServer(AppServer):
     ) -> None:
         _check_loopback(host)
         self.host, self.port = host, port
-        self._api_key = api_key
+        self._key = api_key
         self.tokens = tokens or TokenCounter()
         self.stats = ServerStats()
         self.injector = FaultInjector(faults, limits, stats=self.stats, token_cost=self._token_cost)
@@ -133,7 +133,7 @@ class EchoServer(AppServer):
 
     def provider(self, **kwargs: Any) -> EchoProvider:
         """An `EchoProvider` for this server (with its API key, if it has one); close it with `aclose`."""
-        kwargs.setdefault("api_key", self._api_key)
+        kwargs.setdefault("api_key", self._key)
         return EchoProvider(self.url, **kwargs)
 
     @property
@@ -175,7 +175,7 @@ class EchoServer(AppServer):
 
     async def _chat(self, request: web.Request) -> web.Response:
         given = request.headers.get("Authorization", "")
-        if self._api_key is not None and not bearer_matches(given, self._api_key.encode()):
+        if self._key is not None and not bearer_matches(given, self._key.encode()):
             return web.json_response(
                 {
                     "error": {

@@ -40,7 +40,7 @@ import math
 import secrets
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -52,7 +52,7 @@ import numpy as np
 from aiohttp import web
 
 from ..errors import ConfigError
-from ..http import AppServer, is_loopback, json_error, refuse_unauthorized, until_terminated
+from ..http import AppServer, Handler, Refusal, is_loopback, until_terminated
 from ..logs import get_logger
 from ..scheduler._checks import check_number
 from .faults import FaultConfig, FaultInjector, ServerLimits, ServerStats, record_served
@@ -61,7 +61,6 @@ from .sessions import (
     EXTENSIONS,
     Catalog,
     Decoding,
-    RequestError,
     Session,
     integer_field,
     parse_decoding,
@@ -79,7 +78,6 @@ __all__ = ["LocalService", "serve"]
 
 _log = get_logger("evomerge_sdk.local.server")
 _T = TypeVar("_T")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # The parsed body of the request being handled (parsed once: TPM costing and the handler share it).
 _parsed: contextvars.ContextVar[tuple[web.Request, Any] | None] = contextvars.ContextVar(
@@ -99,17 +97,6 @@ def _json(data: Any, status: int = 200) -> web.Response:
     )
 
 
-def _http_error(exc: web.HTTPException, max_body: int, path: str) -> web.Response:
-    if exc.status == 413:
-        return json_error(
-            413, f"the request body exceeds this service's limit of {max_body} bytes", "request_too_large"
-        )
-    if exc.status == 404:
-        return json_error(404, f"no route {path!r}: see GET /health and GET /v1/presets", "not_found_error")
-    kind = "method_not_allowed" if exc.status == 405 else "http_error"
-    return json_error(exc.status, f"{exc.reason or 'request refused'}: {path}", kind)
-
-
 @attrs.define
 class _Open:
     session: Session
@@ -126,6 +113,8 @@ class LocalService(AppServer):
     serves only the reference routes and answer fields, to test clients against the authors' protocol.
     A non-loopback `host` needs an `api_key`.
     """
+
+    _routes_hint = ": see GET /health and GET /v1/presets"
 
     def __init__(
         self,
@@ -246,27 +235,9 @@ class LocalService(AppServer):
 
         @functools.wraps(handler)
         async def run(request: web.Request) -> web.StreamResponse:
-            try:
-                return await handler(request)
-            except RequestError as exc:
-                return json_error(exc.status, exc.message, exc.kind, exc.headers)
-            except web.HTTPException as exc:
-                return _http_error(exc, self.max_body_bytes, request.path)
+            return await self._respond(request, handler)
 
         return run
-
-    @web.middleware
-    async def _front(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Authentication first (a refused client consumes no rate limit), then JSON for any HTTP error."""
-        refused = refuse_unauthorized(request, self._api_key)
-        if refused is not None:
-            return refused
-        try:
-            return await handler(request)
-        except web.HTTPException as exc:
-            return _http_error(exc, self.max_body_bytes, request.path)
-        except RequestError as exc:
-            return json_error(exc.status, exc.message, exc.kind)
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         cached = _parsed.get()
@@ -280,9 +251,9 @@ class LocalService(AppServer):
                 body = exc
             _parsed.set((request, body))
         if isinstance(body, Exception):
-            raise RequestError(400, f"the body is not valid JSON: {body}", "invalid_json")
+            raise Refusal(400, f"the body is not valid JSON: {body}", "invalid_json")
         if not isinstance(body, dict):
-            raise RequestError(422, "the body must be a JSON object")
+            raise Refusal(422, "the body must be a JSON object")
         return body
 
     async def _work(self, fn: Callable[..., _T], *args: Any) -> _T:
@@ -297,7 +268,7 @@ class LocalService(AppServer):
         entry = self._sessions.get(sid)
         now = time.monotonic()
         if entry is None or now - entry.last_used > self.session_ttl:
-            raise RequestError(
+            raise Refusal(
                 404, f"unknown session {sid!r} (never created, deleted or expired)", "not_found_error"
             )
         return entry.session
@@ -311,7 +282,7 @@ class LocalService(AppServer):
     def _check_fields(body: dict[str, Any], allowed: set[str]) -> None:
         unknown = sorted(set(body) - allowed)
         if unknown:
-            raise RequestError(422, f"unknown fields {unknown}; this route takes {sorted(allowed)}")
+            raise Refusal(422, f"unknown fields {unknown}; this route takes {sorted(allowed)}")
 
     async def _token_cost(self, request: web.Request) -> int:
         """Tokens a billable request will process (its TPM cost); 0 when it will be refused anyway."""
@@ -328,7 +299,7 @@ class LocalService(AppServer):
                 given = body.get("prompt")
                 text = given if isinstance(given, str) else prompt_of_messages(body.get("messages"))
                 return len(self._catalog().repository.tokenizer.split(text)) + 1
-        except (RequestError, web.HTTPException, TypeError, ValueError):
+        except (Refusal, web.HTTPException, TypeError, ValueError):
             return 0
         return 0
 
@@ -373,7 +344,7 @@ class LocalService(AppServer):
         if len(self._sessions) >= self.max_sessions:
             oldest = min(e.last_used for e in self._sessions.values())
             wait = max(1, math.ceil(oldest + self.session_ttl - now))
-            raise RequestError(
+            raise Refusal(
                 503,
                 f"this service holds at most {self.max_sessions} open sessions; delete one "
                 f"(DELETE /v1/sessions/{{id}}) or retry after an idle one expires ({wait} s)",
@@ -439,10 +410,10 @@ class LocalService(AppServer):
         elif body.get("prompt") is None and body.get("messages") is not None:
             try:
                 prompt = prompt_of_messages(body["messages"])
-            except RequestError as exc:
-                raise RequestError(422, exc.message) from None
+            except Refusal as exc:
+                raise Refusal(422, exc.message) from None
         else:
-            raise RequestError(422, "give prompt (a string) or messages (a chat)")
+            raise Refusal(422, "give prompt (a string) or messages (a chat)")
         integer_field(body, "max_tokens", None, low=1)
         decoding = parse_decoding(body, session.decoding)
         top = parse_top_logprobs(body)
@@ -476,17 +447,17 @@ class LocalService(AppServer):
     async def _chat(self, request: web.Request) -> web.Response:
         try:
             return await self._chat_answer(request)
-        except RequestError as exc:
+        except Refusal as exc:
             if exc.status == 422:  # OpenAI answers malformed requests with 400
-                raise RequestError(400, exc.message, exc.kind) from None
+                raise Refusal(400, exc.message, exc.kind) from None
             raise
 
     async def _chat_answer(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         if body.get("stream"):
-            raise RequestError(400, "stream=true is not supported: this service returns whole completions")
+            raise Refusal(400, "stream=true is not supported: this service returns whole completions")
         if body.get("n", 1) != 1:
-            raise RequestError(400, "n must be 1")
+            raise Refusal(400, "n must be 1")
         catalog = self._catalog()
         model = body.get("model")
         weights = catalog.model(model)
@@ -495,10 +466,10 @@ class LocalService(AppServer):
         integer_field(body, "max_completion_tokens", None, low=1)
         logprobs = body.get("logprobs", False)
         if not isinstance(logprobs, bool):
-            raise RequestError(400, "logprobs must be true or false")
+            raise Refusal(400, "logprobs must be true or false")
         top = parse_top_logprobs(body)
         if top and not logprobs:
-            raise RequestError(400, "top_logprobs needs logprobs=true")
+            raise Refusal(400, "top_logprobs needs logprobs=true")
         decoding = parse_decoding({k: body.get(k) for k in ("temperature", "top_p")}, Decoding())
         seed = request_seed(body)
         out = await self._work(catalog.next_token, weights, prompt, decoding, top, seed)

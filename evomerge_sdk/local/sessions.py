@@ -5,8 +5,8 @@ into JSON. Everything here is plain Python and numpy, so it is tested without a 
 work is a pure function of the request (and the repository): the same request always gets the same answer,
 whatever ran before or beside it.
 
-Request checks raise `RequestError(status, message)` before anything changes, so a rejected request
-leaves no trace (no session, no counted usage).
+Request checks raise `http.Refusal(status, message)` before anything changes, so a rejected request leaves
+no trace (no session, no counted usage).
 
 Token accounting (what `usage` reports): scoring one example reads its prompt tokens and the gold answer
 token, all as input (a teacher-forced cross-entropy generates nothing); a completion reads the prompt and
@@ -31,6 +31,7 @@ import attrs
 import numpy as np
 from numpy.typing import NDArray
 
+from ..http import Refusal
 from .merge import PoolMerger
 from .model import ModelWeights
 from .repository import Repository, Target
@@ -45,7 +46,6 @@ __all__ = [
     "Catalog",
     "Decoding",
     "Preset",
-    "RequestError",
     "Session",
     "integer_field",
     "parse_examples_indices",
@@ -86,25 +86,8 @@ _QUERY_PLUS_KEYS = (
 )
 
 
-class RequestError(Exception):
-    """A request the service refuses: HTTP status, a message naming the problem, an error type."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str = "invalid_request_error",
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
-        self.headers = dict(headers or {})
-
-
-def _unprocessable(message: str) -> RequestError:
-    return RequestError(422, message)
+def _unprocessable(message: str) -> Refusal:
+    return Refusal(422, message)
 
 
 # -- JSON field checks ------------------------------------------------------------------------------
@@ -205,13 +188,13 @@ def parse_examples_indices(value: object, n: int) -> IntArray | None:
 def prompt_of_messages(messages: object) -> str:
     """The text the embedded model reads from a chat: the last user message (text parts joined)."""
     if not isinstance(messages, list) or not messages:
-        raise RequestError(400, "messages must be a non-empty list of {role, content} objects")
+        raise Refusal(400, "messages must be a non-empty list of {role, content} objects")
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise RequestError(400, "every message must be an object with a string role")
+            raise Refusal(400, "every message must be an object with a string role")
     user = [m for m in messages if m["role"] == "user"]
     if not user:
-        raise RequestError(400, "messages must include a user message")
+        raise Refusal(400, "messages must include a user message")
     content = user[-1].get("content")
     if isinstance(content, str):
         return content
@@ -219,7 +202,7 @@ def prompt_of_messages(messages: object) -> str:
         parts = [p.get("text") for p in content if p.get("type") == "text"]
         if parts and all(isinstance(p, str) for p in parts):
             return " ".join(str(p) for p in parts)
-    raise RequestError(400, "a user message's content must be a string or a list of text parts")
+    raise Refusal(400, "a user message's content must be a string or a list of text parts")
 
 
 # -- presets -----------------------------------------------------------------------------------------
@@ -321,9 +304,7 @@ class Catalog:
     def preset(self, pid: object) -> Preset:
         """A preset by id; 404 for an unknown one."""
         if not isinstance(pid, str) or pid not in self.presets:
-            raise RequestError(
-                404, f"unknown preset_id {pid!r}; GET /v1/presets lists them", "not_found_error"
-            )
+            raise Refusal(404, f"unknown preset_id {pid!r}; GET /v1/presets lists them", "not_found_error")
         return self.presets[pid]
 
     def describe(self, preset: Preset, *, extensions: bool) -> dict[str, Any]:
@@ -410,7 +391,7 @@ class Catalog:
     def model(self, name: object) -> ModelWeights:
         """The weights behind a chat model name; 404 (OpenAI's `model_not_found`) for an unknown one."""
         if not isinstance(name, str) or not name:
-            raise RequestError(400, "model must be a non-empty string")
+            raise Refusal(400, "model must be a non-empty string")
         if name == BASE_MODEL:
             return self.repository.base
         with self._lock:
@@ -418,7 +399,7 @@ class Catalog:
         if weights is not None:
             return weights
         if name not in self.repository.adapter_names:
-            raise RequestError(
+            raise Refusal(
                 404, f"The model {name!r} does not exist: use 'base' or an adapter name", "model_not_found"
             )
         weights = self.repository.single(name)
@@ -574,7 +555,7 @@ def parse_session_request(
     max_inline_examples: int,
     extensions: bool,
 ) -> Session:
-    """A new session from `POST /v1/sessions`; RequestError for anything malformed (nothing is created)."""
+    """A new session from `POST /v1/sessions`; Refusal for anything malformed (nothing is created)."""
     preset = catalog.preset(body.get("preset_id"))
     model = body.get("model_name_or_path")
     if model is not None and model != BASE_MODEL:
