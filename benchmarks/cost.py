@@ -51,7 +51,15 @@ import attrs
 import numpy as np
 
 from evomerge_sdk.engine.baselines import task_arithmetic
-from evomerge_sdk.engine.search import DEFAULT, PAPER, EarlyStopping, EvoMerge, Progress, SearchConfig
+from evomerge_sdk.engine.search import (
+    DEFAULT,
+    PAPER,
+    EarlyStopping,
+    EvoMerge,
+    Progress,
+    SearchConfig,
+    SearchResult,
+)
 from evomerge_sdk.local.objective import LocalObjective
 from evomerge_sdk.local.repository import Repository, RepositoryConfig, Target, build_repository
 
@@ -61,6 +69,18 @@ METHODS: dict[str, SearchConfig] = {
     "default": DEFAULT,
 }
 PLOT = Path(__file__).resolve().parent / "plots" / "cost_curves.png"
+
+
+def _outcome(result: SearchResult, objective: LocalObjective) -> dict[str, float]:
+    """What every run reports: the merge's validation and test scores and what finding it cost."""
+    test = objective.metrics(result.candidate, "test")
+    return {
+        "validation_loss": result.loss,
+        "test_loss": test.loss,
+        "test_accuracy": 100 * test.accuracy,
+        "queries": objective.queries,
+        "tokens": objective.tokens,
+    }
 
 
 async def run_one(
@@ -85,13 +105,8 @@ async def run_one(
         objective, len(pool), attrs.evolve(config, seed=seed), on_progress=on_progress
     ).run()
     curve.append((objective.queries, result.loss))
-    test = objective.metrics(result.candidate, "test")
     return {
-        "validation_loss": result.loss,
-        "test_loss": test.loss,
-        "test_accuracy": 100 * test.accuracy,
-        "queries": objective.queries,
-        "tokens": objective.tokens,
+        **_outcome(result, objective),
         "evaluations": result.evaluations + result.held_out_evaluations,
         "seconds": time.perf_counter() - started,
         "curve": curve,
@@ -187,13 +202,8 @@ async def run_idea(repo: Repository, target: Target, size: int, seed: int, name:
         scale = attrs.evolve(config.scale, start=lam, max_evaluations=config.scale.max_evaluations - spent)
         config = attrs.evolve(config, scale=scale)
     result = await EvoMerge(objective, len(pool), config).run()
-    test = objective.metrics(result.candidate, "test")
     return {
-        "validation_loss": result.loss,
-        "test_loss": test.loss,
-        "test_accuracy": 100 * test.accuracy,
-        "queries": objective.queries,
-        "tokens": objective.tokens,
+        **_outcome(result, objective),
         "cached": objective.usage.cached,
     }
 
