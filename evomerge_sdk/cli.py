@@ -2,7 +2,7 @@
 
     evomerge demo [--quick] [--seed N] [--pool-size N] [--target NAME] [--budget TOKENS] [--out DIR]
     evomerge serve-local [--port N] [--rpm N] [--tpm N] [--error-rate P] [--latency S] [--drop-rate P]
-    evomerge demo --mode output [--quick] [--reference base|mean] ...   (output-space merging, DESIGN 1.2)
+    evomerge demo --mode output [--quick] [--reference base|mean] ...   (output-space merging)
     evomerge serve RESULT.json [--host H] [--port N] [--api-key K] [--base-url URL]
 
 Subcommands live in `COMMANDS` (name -> (help, add_arguments, run)), so more can be added without touching
@@ -61,7 +61,7 @@ def _positive_int(text: str) -> int:
 
 # -- demo ------------------------------------------------------------------------------------------
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="small search budgets: the whole demo in seconds")
+    p.add_argument("--quick", action="store_true", help="small search budgets: the demo in under a minute")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="pool draw and search seed (default 0)")
     p.add_argument("--pool-size", type=_positive_int, default=20, help="adapters in the pool (default 20)")
     p.add_argument("--target", default=None, help="target, e.g. ood:re/law (default: the first OOD target)")
@@ -85,7 +85,7 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
         "--mode",
         choices=("parameter", "output"),
         default="parameter",
-        help="parameter: merge on the service (DESIGN 1.1, default); output: merge answer scores (1.2)",
+        help="parameter: the service merges LoRA weights (default); output: merge the models' answer scores",
     )
     p.add_argument(
         "--reference", choices=("base", "mean"), default="base", help="output mode: reference model (base)"

@@ -283,6 +283,12 @@ class PlainReporter:
         """Nothing to release."""
 
 
+def describe_search(config: SearchConfig) -> str:
+    """E.g. "two-stage search (default preset)": what the Evo-Merging row runs, for its progress line."""
+    kind = "two-stage" if len(config.stages()) == 2 else "one-stage"
+    return f"{kind} search ({config.name} preset)"
+
+
 def describe_progress(row: str, progress: Progress, spent_tokens: int, budget_tokens: int) -> str:
     """One line: row, stage, generation, best loss, spend against budget."""
     share = 100.0 * spent_tokens / budget_tokens if budget_tokens else 0.0
@@ -396,10 +402,7 @@ async def run_demo_async(config: DemoConfig, reporter: Reporter | None = None) -
                 return report
 
             # Evo-Merging
-            rep.phase(
-                f"{EVO}: two-stage search ({search_config.name} preset, sized to the same spend), "
-                f"seed {config.seed}"
-            )
+            rep.phase(f"{EVO}: {describe_search(search_config)}, sized to the same spend, seed {config.seed}")
             t = time.perf_counter()
 
             async def run_evo(obj: ServiceObjective, s: Scheduler) -> SearchResult:

@@ -1,4 +1,4 @@
-"""`evomerge demo --mode output`: output-space Evo-Merging (DESIGN 1.2) over an OpenAI-compatible route.
+"""`evomerge demo --mode output`: output-space Evo-Merging over an OpenAI-compatible route.
 
 The embedded service serves the base model and every adapter on its OpenAI-compatible
 `POST /v1/chat/completions`. The demo talks to it exactly as to any LMaaS, through the real OpenAI
@@ -35,6 +35,7 @@ from .demo import (
     DemoRow,
     Reporter,
     SilentReporter,
+    describe_search,
     pick_target,
     quick_search_config,
 )
@@ -294,7 +295,8 @@ async def run_output_demo_async(
 
                 return on_progress
 
-            rep.phase(f"{EVO} (output space): two-stage search on the cached scores, seed {config.seed}")
+            search = describe_search(search_config)
+            rep.phase(f"{EVO} (output space): {search} on the cached scores, seed {config.seed}")
             before = scheduler.metrics()
             evo = await EvoMerge(objective, n, search_config, on_progress=report(EVO)).run()
             pruned_candidate = objective.prune(evo.candidate)

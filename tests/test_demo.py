@@ -12,7 +12,16 @@ import pytest
 import structlog
 
 from evomerge_sdk.cli import main
-from evomerge_sdk.demo import EVO, DemoConfig, document_without_timing, format_table, load_result, run_demo
+from evomerge_sdk.demo import (
+    EVO,
+    DemoConfig,
+    describe_search,
+    document_without_timing,
+    format_table,
+    load_result,
+    run_demo,
+)
+from evomerge_sdk.engine import preset
 from evomerge_sdk.errors import ConfigError
 
 ROWS = [EVO, "best single adapter", "uniform", "Task Arithmetic", "TIES", "DARE", "LoRAHub-style"]
@@ -46,6 +55,7 @@ def test_cli_quick_demo_writes_the_table_the_json_and_the_png(cli_run: tuple[int
     for row in ROWS:
         assert row in stdout
     assert "on test accuracy (" in stdout and "on test macro-F1 (" in stdout
+    assert f"{EVO}: two-stage search (default preset), sized to the same spend, seed 0" in stdout
     result = load_result(out / "result.json")
     assert [r["name"] for r in result["rows"]] == ROWS
     assert result["seed"] == 0 and result["config"]["quick"] is True
@@ -57,6 +67,11 @@ def test_cli_quick_demo_writes_the_table_the_json_and_the_png(cli_run: tuple[int
     png = (out / "convergence.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     assert (out / result["materialized"]).exists()
+
+
+def test_the_progress_line_names_the_search_it_runs() -> None:
+    assert describe_search(preset("paper")) == "two-stage search (paper preset)"
+    assert describe_search(preset("default/no_denoising")) == "one-stage search (default/no_denoising preset)"
 
 
 def test_quick_demo_is_deterministic(cli_run: tuple[int, str, Path], cache_dir: Path, tmp_path: Path) -> None:
