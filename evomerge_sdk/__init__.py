@@ -61,7 +61,7 @@ _ENGINE = (
     "task_arithmetic",
     "uniform_merge",
 )
-_SCHEDULER = ("Budget", "PriceTable", "RetryPolicy", "Scheduler")
+_SCHEDULER = ("Budget", "Price", "PriceTable", "RetryPolicy", "Scheduler")
 _SERVICE = ("MergeServiceClient", "ServiceObjective", "ServiceSession")
 _MERGED = ("MergedModel", "MergedSpec", "load_spec", "open_merged")
 _OBJECTIVES = ("AnswerSet", "LabelledExamples", "OutputSpaceObjective", "ScoringConfig", "collect_scores")
@@ -105,7 +105,7 @@ if TYPE_CHECKING:
     from .local.server import LocalService
     from .merged import MergedModel, MergedSpec, load_spec, open_merged
     from .objectives import AnswerSet, LabelledExamples, OutputSpaceObjective, ScoringConfig, collect_scores
-    from .scheduler import Budget, PriceTable, RetryPolicy, Scheduler
+    from .scheduler import Budget, Price, PriceTable, RetryPolicy, Scheduler
     from .serve import MergedModelServer
     from .service import MergeServiceClient, ServiceObjective, ServiceSession
 
@@ -151,6 +151,7 @@ __all__ = [
     "Message",
     "Objective",
     "OutputSpaceObjective",
+    "Price",
     "PriceTable",
     "Progress",
     "Provider",

@@ -41,7 +41,7 @@ async def main(max_evaluations: int = 200) -> float:
             objective = ServiceObjective(client, validation, held_out)
             result = await EvoMerge(objective, preset.adapter_count, config).run()
         print(f"{preset.preset_id}: best validation loss {result.loss:.4f}")
-        print(f"beta = {[round(b, 3) for b in result.beta]}")
+        print(f"beta = {result.beta.round(3).tolist()}")
         print(f"spent {scheduler.spent().tokens:,} tokens in {scheduler.metrics().requests} requests")
     return result.loss
 
