@@ -16,8 +16,8 @@ pool, every row of the comparison through the service:
 Each row is scored on the target's test examples (never seen by any selection) and reports the queries
 (service evaluations) and tokens it spent, counted by its own `Scheduler`. The result goes to an
 output folder as `result.json` (vectors, metrics, spend, config, seed) and `convergence.png` (best
-validation loss against queries), and the Evo-Merging merge is materialized there as an .npz. The same
-config gives the same result (timings aside).
+validation loss against the examples each search scored), and the Evo-Merging merge is materialized there
+as an .npz. The same config gives the same result (timings aside).
 """
 
 from __future__ import annotations
@@ -159,6 +159,16 @@ def quick_search_config(config: SearchConfig) -> SearchConfig:
     denoise = None if config.denoise is None else attrs.evolve(config.denoise, max_evaluations=100)
     scale = None if config.scale is None else attrs.evolve(config.scale, max_evaluations=400)
     return attrs.evolve(config, denoise=denoise, scale=scale)
+
+
+@attrs.frozen
+class CurvePoint:
+    """One generation of a search, for the convergence plot: its stage, the validation examples scored so
+    far and the best validation loss so far."""
+
+    stage: str
+    examples_scored: int
+    best_loss: float
 
 
 @attrs.frozen
@@ -395,8 +405,15 @@ async def run_demo_async(config: DemoConfig, reporter: Reporter | None = None) -
                     value = await run(objective, scheduler)
                     return value, _row_spend(scheduler.metrics())
 
-            def on_progress(row: str, scheduler: Scheduler, budget: int) -> Callable[[Progress], None]:
+            curves: dict[str, list[CurvePoint]] = {}
+
+            def on_progress(
+                row: str, objective: ServiceObjective, scheduler: Scheduler, budget: int
+            ) -> Callable[[Progress], None]:
+                curve = curves.setdefault(row, [])
+
                 def report(progress: Progress) -> None:
+                    curve.append(CurvePoint(progress.stage, objective.examples_scored, progress.best_loss))
                     rep.search(row, progress, scheduler.spent().tokens, budget)
 
                 return report
@@ -406,7 +423,7 @@ async def run_demo_async(config: DemoConfig, reporter: Reporter | None = None) -
             t = time.perf_counter()
 
             async def run_evo(obj: ServiceObjective, s: Scheduler) -> SearchResult:
-                report = on_progress(EVO, s, config.budget)
+                report = on_progress(EVO, obj, s, config.budget)
                 return await EvoMerge(obj, n, search_config, on_progress=report).run()
 
             evo, spend = await in_row(config.budget, "evo", run_evo)
@@ -459,7 +476,7 @@ async def run_demo_async(config: DemoConfig, reporter: Reporter | None = None) -
             t = time.perf_counter()
 
             async def run_lorahub(obj: ServiceObjective, s: Scheduler) -> SearchResult:
-                report = on_progress(LORAHUB_ROW, s, config.budget)
+                report = on_progress(LORAHUB_ROW, obj, s, config.budget)
                 return await lorahub(
                     obj, n, max_evaluations=config.search_budget, seed=config.seed, on_progress=report
                 )
@@ -479,7 +496,7 @@ async def run_demo_async(config: DemoConfig, reporter: Reporter | None = None) -
     plot_path = None
     if config.plot:
         plot_path = out / "convergence.png"
-        await anyio.to_thread.run_sync(write_plot, plot_path, evo, hub, rows_t, target.name, config)
+        await anyio.to_thread.run_sync(write_plot, plot_path, curves, rows_t, target.name, config)
     rep.close()
     return DemoResult(
         config=config,
@@ -581,13 +598,12 @@ def format_table(rows: Sequence[DemoRow]) -> str:
 
 def write_plot(
     path: Path,
-    evo: SearchResult,
-    hub: SearchResult,
+    curves: Mapping[str, Sequence[CurvePoint]],
     rows: Sequence[DemoRow],
     target: str,
     config: DemoConfig,
 ) -> None:
-    """The convergence plot: best validation loss against queries, for both searches (PNG)."""
+    """The convergence plot (PNG): each search's best validation loss against the examples it scored."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -596,20 +612,25 @@ def write_plot(
     fig = Figure(figsize=(7.5, 4.5), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for result, label, color in ((evo, EVO, "tab:red"), (hub, LORAHUB_ROW, "tab:blue")):
-        xs = [h.evaluations for h in result.history]
-        ys = [h.best_loss for h in result.history]
-        ax.step(xs, ys, where="post", label=label, color=color, linewidth=1.8)
-    denoise = [h for h in evo.history if h.stage == "denoise"]
-    if denoise and len(denoise) < len(evo.history):
-        boundary = denoise[-1].evaluations
+    # Examples scored, not queries, on the x axis: a minibatch query scores a tenth of what a full pass
+    # does, so against queries the search that spent the same would look ten times as costly.
+    spend = {r.name: f"{r.name}: {r.queries:,} queries, {r.tokens:,} tokens" for r in rows}
+    for name, color in ((EVO, "tab:red"), (LORAHUB_ROW, "tab:blue")):
+        curve = curves.get(name, ())
+        xs = [p.examples_scored for p in curve]
+        ys = [p.best_loss for p in curve]
+        ax.step(xs, ys, where="post", label=spend.get(name, name), color=color, linewidth=1.8)
+    evo = curves.get(EVO, ())
+    denoise = [p for p in evo if p.stage == "denoise"]
+    if denoise and len(denoise) < len(evo):
+        boundary = denoise[-1].examples_scored
         ax.axvline(boundary, color="tab:red", linestyle=":", linewidth=1)
         ax.annotate(" stage 2", (boundary, ax.get_ylim()[1]), fontsize=8, va="top")
     for r, style in zip(
         (r for r in rows if r.name in ("best single adapter", "Task Arithmetic")), ("--", "-."), strict=False
     ):
         ax.axhline(r.validation_loss, color="gray", linestyle=style, linewidth=1, label=r.name)
-    ax.set_xlabel("queries (validation evaluations)")
+    ax.set_xlabel("validation examples scored (the service's cost; one full pass scores the whole split)")
     ax.set_ylabel("best validation loss")
     mode = "quick" if config.quick else "full"
     ax.set_title(f"{target}, pool {config.pool_size}, seed {config.seed} ({mode})", fontsize=10)

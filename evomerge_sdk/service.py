@@ -553,6 +553,7 @@ class ServiceObjective:
         self.validation = validation
         self.held_out = held_out
         self.evaluations = 0
+        self.examples_scored = 0  # as the service reports them (`Evaluation.n_examples`); cost in examples
         self.cache_hits = 0
         self._told_full = False
 
@@ -600,6 +601,7 @@ class ServiceObjective:
                 return
             losses[i] = ev.loss
             self.evaluations += 1
+            self.examples_scored += ev.n_examples or 0
             self.cache_hits += int(ev.cached)
 
         async with anyio.create_task_group() as tg:

@@ -98,7 +98,8 @@ async def test_minibatch_fitness_scores_one_subset_per_generation(repo: Reposito
         assert session.minibatch and session.n_examples == 60
         context = EvaluationContext(Split.VALIDATION, "t", 3, seed=42, batch_size=10)
         cands = candidates(5, 4, 2)
-        losses = await ServiceObjective(client, session)(cands, context)
+        objective = ServiceObjective(client, session)
+        losses = await objective(cands, context)
         idx = context.minibatch(60)
         assert idx is not None
         sub = repo.target("ood:ner/news").validation.subset(idx)
@@ -106,6 +107,8 @@ async def test_minibatch_fitness_scores_one_subset_per_generation(repo: Reposito
         assert losses == [repo.evaluate(repo.merge(names, c.alpha, c.beta), sub).loss for c in cands]
         spent = client.scheduler.metrics().tokens_in
         assert spent == len(cands) * int((sub.lengths + 1).sum())
+        await objective(cands[:1], attrs.evolve(context, batch_size=None))
+        assert objective.examples_scored == 4 * 10 + 60  # the demo plot's cost axis
 
 
 @pytest.mark.anyio
@@ -123,6 +126,7 @@ async def test_reference_only_service(repo: Repository, caplog: pytest.LogCaptur
         losses = await objective(candidates(5, 3, 4), context)  # falls back to full evaluations
         full = await objective(candidates(5, 3, 4), attrs.evolve(context, batch_size=None))
         assert losses == full and all(math.isfinite(v) for v in losses)
+        assert objective.examples_scored == 0  # a reference service does not say how many it scored
         assert scheduler.spent().tokens == 3_000  # the estimate is charged: no usage reported
         ev = await client.evaluate(session, np.ones(5), np.full(5, 0.2))
         assert ev.accuracy is None and ev.usage.input_tokens == 1_000
