@@ -51,15 +51,8 @@ import attrs
 import numpy as np
 
 from evomerge_sdk.engine.baselines import task_arithmetic
-from evomerge_sdk.engine.search import (
-    DEFAULT,
-    PAPER,
-    EarlyStopping,
-    EvoMerge,
-    Progress,
-    SearchConfig,
-    SearchResult,
-)
+from evomerge_sdk.engine.config import DEFAULT, PAPER, EarlyStopping, SearchConfig
+from evomerge_sdk.engine.search import EvoMerge, Progress, SearchResult
 from evomerge_sdk.local.objective import LocalObjective
 from evomerge_sdk.local.repository import Repository, RepositoryConfig, Target, build_repository
 

@@ -34,8 +34,9 @@ import numpy as np
 from _ood_cases import run_cases  # also puts this checkout first on sys.path
 
 from evomerge_sdk.engine.budget import fit_to_queries, planned_queries
+from evomerge_sdk.engine.config import DEFAULT, LORAHUB, SearchConfig
 from evomerge_sdk.engine.objective import Candidate
-from evomerge_sdk.engine.search import DEFAULT, LORAHUB, EvoMerge, SearchConfig
+from evomerge_sdk.engine.search import EvoMerge
 from evomerge_sdk.local.objective import LocalObjective
 from evomerge_sdk.local.repository import RepositoryConfig, build_repository
 

@@ -31,7 +31,8 @@ import attrs
 import numpy as np
 import structlog
 
-from evomerge_sdk.engine.search import DEFAULT, EvoMerge, SearchConfig, SearchResult
+from evomerge_sdk.engine.config import DEFAULT, SearchConfig
+from evomerge_sdk.engine.search import EvoMerge, SearchResult
 from evomerge_sdk.local.faults import FaultConfig
 from evomerge_sdk.local.repository import Repository, build_repository
 from evomerge_sdk.local.server import LocalService

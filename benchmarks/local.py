@@ -39,7 +39,8 @@ import attrs
 import numpy as np
 
 from evomerge_sdk.engine.baselines import best_single, uniform_merge
-from evomerge_sdk.engine.search import DEFAULT, LORAHUB, PAPER, EvoMerge, SearchConfig, ablations
+from evomerge_sdk.engine.config import DEFAULT, LORAHUB, PAPER, SearchConfig, ablations
+from evomerge_sdk.engine.search import EvoMerge
 from evomerge_sdk.local import whitebox
 from evomerge_sdk.local.objective import LocalObjective
 from evomerge_sdk.local.repository import Repository, RepositoryConfig, Target, build_repository

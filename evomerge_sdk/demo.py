@@ -40,7 +40,8 @@ import numpy as np
 from .cli import CLI_EXTRA_HINT
 from .engine.baselines import best_single, lorahub, task_arithmetic, uniform_merge
 from .engine.budget import fit_to_queries
-from .engine.search import PRESETS, EvoMerge, Progress, SearchConfig, SearchResult, write_json_atomic
+from .engine.config import PRESETS, SearchConfig
+from .engine.search import EvoMerge, Progress, SearchResult, write_json_atomic
 from .errors import ConfigError
 from .local import whitebox
 from .local.repository import Repository, RepositoryConfig, Target, build_repository

@@ -40,8 +40,9 @@ from .demo import (
     quick_search_config,
 )
 from .engine.baselines import best_single, lorahub, uniform_merge
+from .engine.config import PRESETS, SearchConfig
 from .engine.objective import Candidate, EvaluationContext, Split
-from .engine.search import PRESETS, EvoMerge, Progress, SearchConfig, SearchResult, write_json_atomic
+from .engine.search import EvoMerge, Progress, SearchResult, write_json_atomic
 from .errors import ConfigError
 from .local.repository import Repository, RepositoryConfig, Target, build_repository
 from .local.server import LocalService

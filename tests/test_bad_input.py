@@ -23,7 +23,7 @@ from evomerge_openai import OpenAIProvider
 
 from evomerge_sdk.cli import main as cli_main
 from evomerge_sdk.engine import EvoMerge, StageConfig
-from evomerge_sdk.engine.search import SearchConfig
+from evomerge_sdk.engine.config import SearchConfig
 from evomerge_sdk.errors import BadResponse, ConfigError, EvomergeError, InvalidRequest
 from evomerge_sdk.local.faults import FaultConfig, ServerLimits
 from evomerge_sdk.local.repository import Repository

@@ -16,25 +16,20 @@ from .baselines import (
 )
 from .budget import fit_to_queries, planned_queries
 from .cmaes import CMA, BoxTransform, StopCriteria, StopReason, default_popsize
-from .objective import Candidate, EvaluationContext, Objective, Split
-from .operators import keep_count, magnitude_order, merge_lora, merge_outputs, scale_sum, sparsify
-from .search import (
+from .config import (
     DEFAULT,
     LORAHUB,
     PAPER,
     PRESETS,
     EarlyStopping,
-    EvoMerge,
-    HistoryPoint,
-    Progress,
-    ProgressCallback,
     SearchConfig,
-    SearchResult,
     StageConfig,
-    StageResult,
     ablations,
     preset,
 )
+from .objective import Candidate, EvaluationContext, Objective, Split
+from .operators import keep_count, magnitude_order, merge_lora, merge_outputs, scale_sum, sparsify
+from .search import EvoMerge, HistoryPoint, Progress, ProgressCallback, SearchResult, StageResult
 from .synthetic import SyntheticPool
 
 __all__ = [

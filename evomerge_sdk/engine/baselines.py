@@ -17,9 +17,9 @@ import numpy as np
 
 from ..errors import BudgetExceeded, ConfigError, EvomergeError
 from .cmaes import StopReason
+from .config import LORAHUB
 from .objective import Candidate, EvaluationContext, Objective, Split
 from .search import (
-    LORAHUB,
     EvoMerge,
     HistoryPoint,
     ProgressCallback,

@@ -13,7 +13,7 @@ import math
 import attrs
 
 from ..errors import ConfigError
-from .search import SearchConfig, StageConfig
+from .config import SearchConfig, StageConfig
 
 __all__ = ["fit_to_queries", "planned_queries"]
 
