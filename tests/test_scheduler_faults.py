@@ -19,7 +19,8 @@ from evomerge_sdk import (
     ServerError,
     Timeout,
 )
-from evomerge_sdk.local.echo_server import EchoProvider, EchoServer, parse_duration
+from evomerge_sdk.http import parse_duration
+from evomerge_sdk.local.echo_server import EchoProvider, EchoServer
 from evomerge_sdk.local.faults import FaultConfig, format_duration
 from evomerge_sdk.scheduler import Budget, RetryPolicy, Scheduler
 
@@ -34,6 +35,8 @@ def req(i: int | str, max_tokens: int = 16) -> ChatRequest:
 @asynccontextmanager
 async def echo(faults: FaultConfig) -> AsyncIterator[tuple[EchoServer, EchoProvider]]:
     async with EchoServer(faults=faults) as server:
+        # Load the tokenizer's encoding now: on a first request it would eat the 0.3 s timeouts below.
+        await server.tokens.acount_request(req(0))
         provider = server.provider()
         try:
             yield server, provider
