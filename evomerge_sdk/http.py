@@ -346,6 +346,39 @@ def rate_limit_info(requests: Window, tokens: Window) -> RateLimitInfo | None:
     )
 
 
+# "6m0s", "1h2m3.5s", "20ms", "0.5s": the Go-style durations of OpenAI's x-ratelimit-reset-* headers.
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Seconds in an `x-ratelimit-reset-*` value ("6m0s", "20ms", or plain seconds); None if unreadable."""
+    text = (text or "").strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return float(text)
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            return None
+        total += float(match.group(1)) * _DURATION_UNIT[match.group(2)]
+        pos = match.end()
+    return total if pos == len(text) and pos > 0 else None
+
+
+def parse_openai_rate_limits(headers: Mapping[str, str]) -> RateLimitInfo | None:
+    """OpenAI's `x-ratelimit-*` headers (also sent by vLLM, Azure and the SDK's own servers) as a
+    `RateLimitInfo`; None when the server sent none."""
+
+    def window(unit: str) -> Window:
+        return (
+            header_int(headers, f"x-ratelimit-limit-{unit}"),
+            header_int(headers, f"x-ratelimit-remaining-{unit}"),
+            parse_duration(headers.get(f"x-ratelimit-reset-{unit}")),
+        )
+
+    return rate_limit_info(window("requests"), window("tokens"))
+
+
 _KindT = TypeVar("_KindT")
 
 

@@ -36,8 +36,7 @@ from numpy.typing import ArrayLike
 
 from .engine.objective import Candidate, EvaluationContext, Split
 from .errors import BadResponse, BudgetExceeded, ConfigError
-from .http import HTTPClient, check_base_url
-from .local.echo_server import parse_rate_limit_headers
+from .http import HTTPClient, check_base_url, parse_openai_rate_limits
 from .local.merge import check_coefficients
 from .logs import get_logger
 from .providers import RateLimitInfo, TokenLogprob, Usage
@@ -261,14 +260,14 @@ class MergeServiceClient:
     async def _bodiless(self, method: str, *path: str) -> Any:
         # GET and DELETE: no body, no scheduler (they bill nothing), the same failure mapping as POSTs.
         url = self._url(*path)
-        return await self._http.request(method, url, self._headers, rate_limits=parse_rate_limit_headers)
+        return await self._http.request(method, url, self._headers, rate_limits=parse_openai_rate_limits)
 
     def _url(self, *parts: str) -> str:
         return self.base_url + "/" + "/".join(quote(p, safe="") for p in parts)
 
     async def _post(self, url: str, body: Mapping[str, Any]) -> tuple[Any, RateLimitInfo | None]:
         data, limits = await self._http.exchange(
-            url, body, self._headers, {}, rate_limits=parse_rate_limit_headers, final_429=_never_final
+            url, body, self._headers, {}, rate_limits=parse_openai_rate_limits, final_429=_never_final
         )
         if not isinstance(data, dict):
             raise BadResponse(f"merge-service answered {type(data).__name__}, not a JSON object")
@@ -289,7 +288,7 @@ class MergeServiceClient:
     async def health(self) -> dict[str, Any]:
         """`GET /health`; remembers the extensions the server lists."""
         data = await self._http.request(
-            "GET", self._url("health"), self._headers, rate_limits=parse_rate_limit_headers
+            "GET", self._url("health"), self._headers, rate_limits=parse_openai_rate_limits
         )
         if not isinstance(data, dict) or data.get("status") != "ok":
             raise BadResponse(f"merge-service health answer is not {{'status': 'ok'}}: {data!r:.120}")
@@ -309,7 +308,7 @@ class MergeServiceClient:
     async def presets(self) -> list[ServicePreset]:
         """`GET /v1/presets`: the pools on offer."""
         data = await self._http.request(
-            "GET", self._url("v1", "presets"), self._headers, rate_limits=parse_rate_limit_headers
+            "GET", self._url("v1", "presets"), self._headers, rate_limits=parse_openai_rate_limits
         )
         items = data.get("items") if isinstance(data, dict) else None
         if not isinstance(items, list):
@@ -393,7 +392,7 @@ class MergeServiceClient:
             "DELETE",
             self._url("v1", "sessions", session.session_id),
             self._headers,
-            rate_limits=parse_rate_limit_headers,
+            rate_limits=parse_openai_rate_limits,
         )
         return True
 

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 import structlog
-from evomerge_openai import OpenAIProvider, parse_duration, parse_rate_limits
+from evomerge_openai import OpenAIProvider
 from wire_servers import (
     DELETE,
     Answer,
@@ -47,6 +47,7 @@ from evomerge_sdk import (
     available_providers,
     load_provider,
 )
+from evomerge_sdk.http import parse_duration, parse_openai_rate_limits
 
 pytestmark = pytest.mark.anyio
 
@@ -555,9 +556,9 @@ def test_parse_duration(value: str | None, seconds: float | None) -> None:
 
 
 def test_rate_limits_absent_or_partial() -> None:
-    assert parse_rate_limits({}) is None
+    assert parse_openai_rate_limits({}) is None
     # Azure sends remaining counts only.
-    assert parse_rate_limits(
+    assert parse_openai_rate_limits(
         {"x-ratelimit-remaining-requests": "9", "x-ratelimit-remaining-tokens": "900"}
     ) == (RateLimitInfo(requests_remaining=9, tokens_remaining=900))
 

@@ -22,7 +22,6 @@ import asyncio
 import contextvars
 import hashlib
 import json
-import re
 import sys
 from collections.abc import Mapping
 from types import TracebackType
@@ -45,12 +44,10 @@ from ..errors import (
 )
 from ..http import (
     AppServer,
-    Window,
     bearer_matches,
     check_base_url,
-    header_int,
     is_loopback,
-    rate_limit_info,
+    parse_openai_rate_limits,
     retry_after_seconds,
     until_terminated,
 )
@@ -62,8 +59,6 @@ __all__ = [
     "EchoProvider",
     "EchoServer",
     "echo_answer",
-    "parse_duration",
-    "parse_rate_limit_headers",
 ]
 
 # The parsed body of the request being handled (parsed once for TPM costing, reused by the handler).
@@ -255,35 +250,6 @@ class EchoServer(AppServer):
 
 # -- client side -------------------------------------------------------------------------------------
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-
-
-def parse_duration(text: str) -> float | None:
-    """Seconds in OpenAI's reset format ("20ms", "1.5s", "6m0s", "1h2m3s"), or None if unparseable."""
-    text = text.strip()
-    pos, total = 0, 0.0
-    for match in _DURATION_PART.finditer(text):
-        if match.start() != pos:
-            return None
-        value, unit = float(match.group(1)), match.group(2)
-        total += value * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
-        pos = match.end()
-    return total if pos == len(text) and pos > 0 else None
-
-
-def parse_rate_limit_headers(headers: Mapping[str, str]) -> RateLimitInfo | None:
-    """`RateLimitInfo` from OpenAI-style `x-ratelimit-*` headers, or None when there are none."""
-
-    def window(unit: str) -> Window:
-        reset = headers.get(f"x-ratelimit-reset-{unit}")
-        return (
-            header_int(headers, f"x-ratelimit-limit-{unit}"),
-            header_int(headers, f"x-ratelimit-remaining-{unit}"),
-            parse_duration(reset) if reset is not None else None,
-        )
-
-    return rate_limit_info(window("requests"), window("tokens"))
-
 
 class EchoProvider:
     """A lean OpenAI-wire chat provider for the echo server (tests, benchmarks): plain aiohttp.
@@ -351,7 +317,7 @@ class EchoProvider:
         except aiohttp.ClientError as exc:
             raise ConnectionFailed(f"{self.name}: {type(exc).__name__}") from None
         limited = "x-ratelimit-limit-requests" in headers or "x-ratelimit-limit-tokens" in headers
-        limits = parse_rate_limit_headers(headers) if limited else None
+        limits = parse_openai_rate_limits(headers) if limited else None
         if status != 200:
             raise _error(self.name, status, headers, raw, limits)
         try:

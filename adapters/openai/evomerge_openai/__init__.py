@@ -6,6 +6,6 @@ Registered under the `evomerge_sdk.providers` entry-point group as "openai", so
 
 from __future__ import annotations
 
-from .provider import DEFAULT_BASE_URL, OpenAIProvider, parse_duration, parse_rate_limits
+from .provider import DEFAULT_BASE_URL, OpenAIProvider
 
-__all__ = ["DEFAULT_BASE_URL", "OpenAIProvider", "parse_duration", "parse_rate_limits"]
+__all__ = ["DEFAULT_BASE_URL", "OpenAIProvider"]

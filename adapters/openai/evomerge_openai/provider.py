@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import ssl
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -23,52 +22,17 @@ from evomerge_sdk.http import (
     SessionOwner,
     check_base_url,
     field,
-    header_int,
     optional_field,
-    rate_limit_info,
+    parse_openai_rate_limits,
 )
 from evomerge_sdk.providers import ChatRequest, Completion, RateLimitInfo, TokenLogprob, Usage
 
-__all__ = ["DEFAULT_BASE_URL", "OpenAIProvider", "parse_duration", "parse_rate_limits"]
+__all__ = ["DEFAULT_BASE_URL", "OpenAIProvider"]
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
-# "6m0s", "1h2m3.5s", "20ms", "0.5s": the Go-style durations of x-ratelimit-reset-*.
-_DURATION = re.compile(
-    r"(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m(?!s))?(?:(?P<s>\d+(?:\.\d+)?)s)?(?:(?P<ms>\d+(?:\.\d+)?)ms)?"
-)
 # What a 429 that waiting cannot fix looks like: the account ran out of quota or credit.
 _QUOTA_CODES = ("insufficient_quota", "billing_hard_limit_reached")
-
-
-def parse_duration(value: str | None) -> float | None:
-    """Seconds in an `x-ratelimit-reset-*` value ("6m0s", "20ms", or plain seconds); None if unreadable."""
-    if value is None or not value.strip():
-        return None
-    value = value.strip()
-    if re.fullmatch(r"\d+(?:\.\d+)?", value):
-        return float(value)
-    match = _DURATION.fullmatch(value)
-    if match is None:
-        return None
-    parts = {k: float(v) for k, v in match.groupdict().items() if v is not None}
-    return parts.get("h", 0) * 3600 + parts.get("m", 0) * 60 + parts.get("s", 0) + parts.get("ms", 0) / 1000
-
-
-def parse_rate_limits(headers: Mapping[str, str]) -> RateLimitInfo | None:
-    """The `x-ratelimit-*` headers as a `RateLimitInfo`; None when the server sent none."""
-    return rate_limit_info(
-        (
-            header_int(headers, "x-ratelimit-limit-requests"),
-            header_int(headers, "x-ratelimit-remaining-requests"),
-            parse_duration(headers.get("x-ratelimit-reset-requests")),
-        ),
-        (
-            header_int(headers, "x-ratelimit-limit-tokens"),
-            header_int(headers, "x-ratelimit-remaining-tokens"),
-            parse_duration(headers.get("x-ratelimit-reset-tokens")),
-        ),
-    )
 
 
 def _env(name: str) -> str | None:
@@ -190,7 +154,7 @@ class OpenAIProvider(SessionOwner):
             self.body_for(request),
             self._headers,
             self._params,
-            rate_limits=parse_rate_limits,
+            rate_limits=parse_openai_rate_limits,
             final_429=_out_of_quota,
         )
         return _completion(data, request, rate_limits)
