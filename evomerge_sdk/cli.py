@@ -20,12 +20,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import ConfigError, EvomergeError
+from .errors import CLI_EXTRA_HINT, ConfigError, EvomergeError
 
 __all__ = ["COMMANDS", "main"]
 
 API_KEY_ENV = "EVOMERGE_API_KEY"
-CLI_EXTRA_HINT = "pip install 'evomerge-sdk[cli]'"
 
 
 def _configure_logging(verbose: int) -> None:
@@ -183,7 +182,7 @@ def _demo_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    if getattr(args, "mode", "parameter") == "output":
+    if args.mode == "output":
         _require_cli_extra("rich")
         return _run_output_demo(args)
     _require_cli_extra("rich", "matplotlib")
@@ -372,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         return COMMANDS[args.command][2](args)
-    except (ConfigError, EvomergeError) as exc:
+    except EvomergeError as exc:
         print(f"evomerge {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

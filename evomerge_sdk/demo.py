@@ -4,8 +4,8 @@
 embedded merge service on a free loopback port, and scores, on an out-of-domain target of a stratified
 pool, every row of the comparison through the service:
 
-* Evo-Merging: the two-stage search (`DEFAULT`), sized to the LoRAHub-style row's spend so the two
-  searches compare at equal cost, under a hard token budget;
+* Evo-Merging: the two-stage search (`DEFAULT`, or the preset `DemoConfig.preset` names), sized to the
+  LoRAHub-style row's spend so the two searches compare at equal cost, under a hard token budget;
 * best single adapter (chosen on validation), uniform merge, Task Arithmetic (a lambda grid), and a
   LoRAHub-style single-stage search (800 full validation passes), all black-box through the same
   service;
@@ -37,12 +37,11 @@ import anyio.to_thread
 import attrs
 import numpy as np
 
-from .cli import CLI_EXTRA_HINT
 from .engine.baselines import best_single, lorahub, task_arithmetic, uniform_merge
 from .engine.budget import fit_to_queries
 from .engine.config import PRESETS, SearchConfig
 from .engine.search import EvoMerge, Progress, SearchResult, write_json_atomic
-from .errors import ConfigError
+from .errors import CLI_EXTRA_HINT, ConfigError
 from .local import whitebox
 from .local.repository import Repository, RepositoryConfig, Target, build_repository
 from .local.server import LocalService
@@ -51,7 +50,6 @@ from .scheduler import Budget, MetricsSnapshot, Scheduler
 from .service import MergeServiceClient, ServiceObjective
 
 __all__ = [
-    "CLI_EXTRA_HINT",
     "DemoConfig",
     "DemoResult",
     "DemoRow",
@@ -232,12 +230,6 @@ class DemoResult:
             if r.name == name:
                 return r
         raise KeyError(name)
-
-    @property
-    def evo_wins(self) -> bool:
-        """Whether Evo-Merging has the strictly best test accuracy of all rows."""
-        evo = self.row(EVO).test_accuracy
-        return all(evo > r.test_accuracy for r in self.rows if r.name != EVO)
 
 
 class Reporter(Protocol):
@@ -542,9 +534,8 @@ def _document(
         "pool": list(pool),
         "rows": [r.to_dict() for r in rows],
         "best_row": best.name,
-        "evo_merging_beats_every_row": all(
-            rows[0].test_accuracy > r.test_accuracy for r in rows if r.name != EVO
-        ),
+        "evo_merging_beats_every_row": best.name == EVO
+        and all(best.test_accuracy > r.test_accuracy for r in rows if r.name != EVO),
         "evo_merging": evo.to_dict(),
         "lorahub": hub.to_dict(),
         "materialized": materialized,

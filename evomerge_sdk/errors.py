@@ -27,6 +27,9 @@ __all__ = [
     "Timeout",
 ]
 
+CLI_EXTRA_HINT = "pip install 'evomerge-sdk[cli]'"
+"""How to get the optional CLI dependencies (rich, matplotlib); error messages that need them end with it."""
+
 
 class EvomergeError(Exception):
     """Base of every error the SDK raises on purpose."""

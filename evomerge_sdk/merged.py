@@ -41,7 +41,7 @@ from .objectives import (
     provider_for,
     score_prompt,
 )
-from .providers import Completion, Message, TokenLogprob, Usage
+from .providers import Completion, Message, TokenLogprob, Usage, as_messages
 from .scheduler import Scheduler
 
 if TYPE_CHECKING:
@@ -76,8 +76,9 @@ class MergedSpec:
     """What a merged model is: its mode, pool, vectors and how to reach its models.
 
     `source` says where the models live: `{"kind": "embedded", "repository_seed", "pool_seed",
-    "pool_size"}` for the embedded service (which `evomerge serve` starts itself), or
-    `{"kind": "openai", "base_url"}` / `{"kind": "service", "base_url"}` for a running server.
+    "pool_size"}` (plus `"small_repository": true` for the test-sized one) for the embedded service
+    (which `evomerge serve` starts itself), or `{"kind": "openai", "base_url"}` / `{"kind": "service",
+    "base_url"}` for a running server.
     Output mode needs `answer_set` and `reference`; provider mode needs `preset_id`.
     """
 
@@ -201,9 +202,7 @@ def load_spec(path: str | Path) -> MergedSpec:
 
 
 def _messages(messages: str | Sequence[Message] | Sequence[Mapping[str, str]]) -> tuple[Message, ...]:
-    if isinstance(messages, str):
-        return (Message("user", messages),)
-    out = tuple(m if isinstance(m, Message) else Message(m["role"], m["content"]) for m in messages)  # type: ignore[arg-type]
+    out = as_messages(messages)
     if not out:
         raise ConfigError("a completion needs at least one message")
     return out
@@ -275,7 +274,12 @@ class MergedModel:
     async def complete(
         self, messages: str | Sequence[Message] | Sequence[Mapping[str, str]], *, max_tokens: int = 1
     ) -> Completion:
-        """The merged model's answer to a chat, with the usage of every query it made."""
+        """The merged model's answer to a chat, with the usage of every query it made.
+
+        Output mode scores the chat's answer options with one query per model (`max_tokens` does not
+        apply: the answer is one option); provider mode sends the merge service the last user message
+        as its prompt, since the service completes prompts, not chats.
+        """
         chat = _messages(messages)
         if self.spec.mode == "output":
             return await self._complete_output(chat)
@@ -341,7 +345,7 @@ class MergedModel:
         return Completion(
             text=out.text,
             model=spec.name,
-            finish_reason="stop",
+            finish_reason=out.finish_reason,
             logprobs=out.logprobs or None,
             usage=out.usage,
         )

@@ -35,7 +35,7 @@ from numpy.typing import ArrayLike, NDArray
 from .engine.objective import Candidate, EvaluationContext, Split
 from .engine.operators import keep_count, magnitude_order
 from .errors import BadResponse, ConfigError
-from .providers import ChatRequest, Completion, Message, Provider, Usage
+from .providers import ChatRequest, Completion, Message, Provider, Usage, as_messages
 from .scheduler import Outcome, Scheduler, cache_key, chat_cache_key
 
 __all__ = [
@@ -63,7 +63,7 @@ IntArray = NDArray[np.int64]
 MEAN_REFERENCE = "mean"
 """The reference name that means "the mean of the pool's scores" instead of a named model."""
 
-_BATCH = 256  # requests started at once per model (the scheduler bounds what is actually in flight)
+_BATCH = 256  # requests started at once, across all models (the scheduler bounds what is in flight)
 
 
 def _normalise(text: str) -> str:
@@ -138,12 +138,6 @@ class AnswerSet:
         return out
 
 
-def _as_messages(prompt: str | Sequence[Message] | Sequence[Mapping[str, str]]) -> tuple[Message, ...]:
-    if isinstance(prompt, str):
-        return (Message("user", prompt),)
-    return tuple(m if isinstance(m, Message) else Message(m["role"], m["content"]) for m in prompt)  # type: ignore[arg-type]
-
-
 @attrs.frozen(eq=False)
 class LabelledExamples:
     """Prompts with gold answers from an `AnswerSet`; `labels` are the gold option indices."""
@@ -173,7 +167,7 @@ class LabelledExamples:
         if isinstance(prompts, str) or isinstance(answers, str):
             raise ConfigError("prompts and answers must be sequences, not one string")
         answer_set = options if isinstance(options, AnswerSet) else AnswerSet(options)
-        return cls(tuple(_as_messages(p) for p in prompts), tuple(answers), answer_set)
+        return cls(tuple(as_messages(p) for p in prompts), tuple(answers), answer_set)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -219,7 +213,7 @@ class ScoringConfig:
         if self.top_logprobs > 20:
             raise ConfigError(f"top_logprobs must be at most 20, got {self.top_logprobs}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ConfigError(f"voting needs a temperature > 0, got {self.temperature!r}")
+            raise ConfigError(f"temperature (for voting) must be > 0, got {self.temperature!r}")
         if not (math.isfinite(self.smoothing) and self.smoothing > 0):
             raise ConfigError(f"smoothing must be > 0 (zero votes would score -inf), got {self.smoothing!r}")
 

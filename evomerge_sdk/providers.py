@@ -8,7 +8,7 @@ hierarchy in `evomerge_sdk.errors`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -25,6 +25,7 @@ __all__ = [
     "RateLimitInfo",
     "TokenLogprob",
     "Usage",
+    "as_messages",
     "available_providers",
     "load_provider",
 ]
@@ -48,12 +49,20 @@ class Message:
     content: str = attrs.field(validator=attrs.validators.instance_of(str))
 
 
-def _to_messages(value: Any) -> tuple[Message, ...]:
+def as_messages(value: str | Sequence[Message] | Sequence[Mapping[str, str]]) -> tuple[Message, ...]:
+    """A chat as `Message`s: a plain string is one user message; dicts need "role" and "content"."""
     if isinstance(value, str):
         return (Message("user", value),)
     out = []
-    for m in value:
-        out.append(m if isinstance(m, Message) else Message(m["role"], m["content"]))
+    for i, m in enumerate(value):
+        if isinstance(m, Message):
+            out.append(m)
+        elif isinstance(m, Mapping) and "role" in m and "content" in m:
+            out.append(Message(m["role"], m["content"]))  # Message checks the role
+        else:
+            raise ConfigError(
+                f"message {i} must be a Message or a mapping with role and content, got {m!r:.80}"
+            )
     return tuple(out)
 
 
@@ -80,7 +89,7 @@ class ChatRequest:
     """
 
     model: str = attrs.field(validator=attrs.validators.min_len(1))
-    messages: tuple[Message, ...] = attrs.field(converter=_to_messages)
+    messages: tuple[Message, ...] = attrs.field(converter=as_messages)
     max_tokens: int = attrs.field(default=256, validator=_positive_int)
     temperature: float | None = None
     top_p: float | None = None

@@ -35,9 +35,9 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .engine.objective import Candidate, EvaluationContext, Split
+from .engine.operators import check_coefficients
 from .errors import BadResponse, BudgetExceeded, ConfigError
 from .http import HTTPClient, check_base_url, parse_openai_rate_limits
-from .local.merge import check_coefficients
 from .logs import get_logger
 from .providers import RateLimitInfo, TokenLogprob, Usage
 from .scheduler import Outcome, Scheduler, cache_key
@@ -128,12 +128,13 @@ class Materialized:
 
 @attrs.frozen
 class ServiceCompletion:
-    """A completion of the merged model: its text, per-token log-probabilities and usage."""
+    """A completion of the merged model: its text, per-token log-probabilities, usage and why it stopped."""
 
     text: str
     logprobs: tuple[TokenLogprob, ...]
     usage: Usage
     cached: bool = False
+    finish_reason: str | None = None
 
 
 def _number(value: Any, where: str, *, allow_null: bool = False) -> float | None:
@@ -287,9 +288,7 @@ class MergeServiceClient:
     # -- routes ----------------------------------------------------------------------------------
     async def health(self) -> dict[str, Any]:
         """`GET /health`; remembers the extensions the server lists."""
-        data = await self._http.request(
-            "GET", self._url("health"), self._headers, rate_limits=parse_openai_rate_limits
-        )
+        data = await self._bodiless("GET", "health")
         if not isinstance(data, dict) or data.get("status") != "ok":
             raise BadResponse(f"merge-service health answer is not {{'status': 'ok'}}: {data!r:.120}")
         ext = data.get("extensions")
@@ -307,9 +306,7 @@ class MergeServiceClient:
 
     async def presets(self) -> list[ServicePreset]:
         """`GET /v1/presets`: the pools on offer."""
-        data = await self._http.request(
-            "GET", self._url("v1", "presets"), self._headers, rate_limits=parse_openai_rate_limits
-        )
+        data = await self._bodiless("GET", "v1", "presets")
         items = data.get("items") if isinstance(data, dict) else None
         if not isinstance(items, list):
             raise BadResponse("the presets answer has no items list")
@@ -388,12 +385,7 @@ class MergeServiceClient:
         """Free a session on the server (an extension); False when the server cannot delete sessions."""
         if "delete_session" not in await self.extensions():
             return False
-        await self._http.request(
-            "DELETE",
-            self._url("v1", "sessions", session.session_id),
-            self._headers,
-            rate_limits=parse_openai_rate_limits,
-        )
+        await self._bodiless("DELETE", "v1", "sessions", session.session_id)
         return True
 
     def worst_case(self, session: ServiceSession, examples: Sequence[int] | None) -> int:
@@ -524,7 +516,14 @@ class MergeServiceClient:
         for item in result.value.get("logprobs") or []:
             top = tuple((str(t["token"]), float(t["logprob"])) for t in item.get("top_logprobs") or [])
             logprobs.append(TokenLogprob(str(item["token"]), float(item["logprob"]), top))
-        return ServiceCompletion(result.value["text"], tuple(logprobs), result.usage, result.cached)
+        finish = result.value.get("finish_reason")
+        return ServiceCompletion(
+            result.value["text"],
+            tuple(logprobs),
+            result.usage,
+            result.cached,
+            finish if isinstance(finish, str) else None,
+        )
 
 
 class ServiceObjective:

@@ -74,6 +74,10 @@ CONFIGS: dict[str, tuple[Callable[[], object], str]] = {
         lambda: _stage(start=math.nan),
         "start",
     ),
+    "message without content": (
+        lambda: ChatRequest(model="m", messages=[{"role": "user"}]),
+        "message 0 must be a Message or a mapping",
+    ),
     "no stage": (lambda: SearchConfig(name="x", denoise=None, scale=None), "at least one stage"),
     "seed negative": (lambda: attrs.evolve(SEARCH, seed=-1), "seed"),
     "pool size 0": (lambda: EvoMerge(lambda c, x: [], 0, SEARCH), "n_models"),  # type: ignore[arg-type]

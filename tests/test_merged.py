@@ -113,6 +113,7 @@ async def test_provider_mode_completes_through_the_merge_service(service: LocalS
         session = await client.create_session(spec.preset_id or "")
         direct = await client.complete(session, spec.alpha, spec.beta, prompt)
     assert completion.text == direct.text
+    assert completion.finish_reason == direct.finish_reason == "stop"  # the service's, passed on
     assert completion.usage.input_tokens > 0 and completion.usage.output_tokens == 1
     assert merged.models_queried == Counter({"merge-service": 1})
 

@@ -44,12 +44,9 @@ def _check_n(n_models: int) -> None:
         raise ConfigError(f"n_models must be a positive integer, got {n_models!r}")
 
 
-async def _pick_best(
-    objective: Objective, method: str, candidates: Sequence[Candidate], seed: int = 0
-) -> SearchResult:
-    context = EvaluationContext(
-        split=Split.VALIDATION, stage=method, generation=0, seed=derive_seed(seed, 0, 1)
-    )
+async def _pick_best(objective: Objective, method: str, candidates: Sequence[Candidate]) -> SearchResult:
+    # A fixed candidate list draws nothing at random; the context's seed only has to be fixed.
+    context = EvaluationContext(split=Split.VALIDATION, stage=method, generation=0, seed=derive_seed(0, 0, 1))
     losses = await evaluate_losses(objective, candidates, context)
     finite = np.isfinite(losses)
     if not finite.any():

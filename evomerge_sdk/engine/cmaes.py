@@ -9,7 +9,8 @@ for large N, where a full matrix cannot be learned within a few hundred evaluati
 Speed: the eigendecomposition is lazy, done every 1 / (10 N (c1 + cmu)) generations as the tutorial
 suggests; and the covariance update itself is deferred too. Between two decompositions nothing reads C,
 so the rank-one and rank-mu terms are queued as weighted vectors and applied in one matrix product right
-before the next decomposition. The result equals the per-generation update up to float rounding, and a
+before the next decomposition, or sooner once N of them are queued (holding more would cost more than
+applying them). The result equals the per-generation update up to float rounding, and a
 generation costs O(lambda N^2) for sampling only.
 
 Box bounds use a boundary transform, not repair. The search distribution lives unbounded in "genotype"
@@ -45,8 +46,8 @@ _STATE_VERSION = 1
 class StopReason(str, enum.Enum):
     """Why an optimiser or a search stopped.
 
-    CMA emits the first six; the two-stage search adds EARLY_STOPPING and BUDGET_EXCEEDED, and
-    fixed-evaluation baselines report COMPLETED.
+    CMA emits the first six; the two-stage search adds EARLY_STOPPING and BUDGET_EXCEEDED; baselines
+    that score a fixed list of candidates report COMPLETED, and random search MAX_EVALUATIONS.
     """
 
     MAX_EVALUATIONS = "max_evaluations"

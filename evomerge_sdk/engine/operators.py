@@ -15,6 +15,7 @@ from numpy.typing import ArrayLike, NDArray
 from ..errors import ConfigError
 
 __all__ = [
+    "check_coefficients",
     "keep_count",
     "magnitude_order",
     "merge_lora",
@@ -79,13 +80,19 @@ def sparsify(
     return out
 
 
-def _vectors(alpha: ArrayLike, beta: ArrayLike, n: int) -> tuple[FloatArray, FloatArray]:
-    a = np.asarray(alpha, dtype=np.float64)
-    b = np.asarray(beta, dtype=np.float64)
+def check_coefficients(alpha: ArrayLike, beta: ArrayLike, n: int) -> tuple[FloatArray, FloatArray]:
+    """alpha and beta as float vectors of length n; ConfigError unless finite and alpha in [0, 1]."""
+    try:
+        a = np.asarray(alpha, dtype=np.float64)
+        b = np.asarray(beta, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"alpha and beta must be numeric vectors: {exc}") from None
     if a.shape != (n,) or b.shape != (n,):
         raise ConfigError(f"alpha and beta must each have {n} entries, got shapes {a.shape} and {b.shape}")
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         raise ConfigError("alpha and beta must be finite")
+    if np.any(a < 0.0) or np.any(a > 1.0):
+        raise ConfigError(f"alpha entries must lie in [0, 1], got {a.min()}..{a.max()}")
     return a, b
 
 
@@ -108,7 +115,7 @@ def merge_lora(
     """
     if len(a_mats) != len(b_mats):
         raise ConfigError(f"got {len(a_mats)} A matrices but {len(b_mats)} B matrices")
-    a, b = _vectors(alpha, beta, len(a_mats))
+    a, b = check_coefficients(alpha, beta, len(a_mats))
     a_m = scale_sum([sparsify(x, k) for x, k in zip(a_mats, a, strict=True)], b)
     b_m = scale_sum(b_mats, b)
     return a_m, b_m
@@ -125,7 +132,7 @@ def merge_outputs(reference: ArrayLike, scores: ArrayLike, alpha: ArrayLike, bet
     r = np.asarray(reference, dtype=np.float64)
     if z.shape[1:] != r.shape:
         raise ConfigError(f"scores of shape {z.shape} do not match reference of shape {r.shape}")
-    a, b = _vectors(alpha, beta, z.shape[0])
+    a, b = check_coefficients(alpha, beta, z.shape[0])
     merged: FloatArray = r.copy()
     for i in range(z.shape[0]):
         if a[i] == 0.0 or b[i] == 0.0:

@@ -16,30 +16,14 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ..engine.operators import magnitude_order
+from ..engine.operators import check_coefficients, magnitude_order
 from ..errors import ConfigError
 from ._blas import single_threaded_blas
 from .model import ModelWeights
 
-__all__ = ["PoolMerger", "check_coefficients", "keep_counts_vector"]
+__all__ = ["PoolMerger", "keep_counts_vector"]
 
 FloatArray = NDArray[np.float64]
-
-
-def check_coefficients(alpha: ArrayLike, beta: ArrayLike, n: int) -> tuple[FloatArray, FloatArray]:
-    """alpha and beta as float vectors of length n; ConfigError unless finite and alpha in [0, 1]."""
-    try:
-        a = np.asarray(alpha, dtype=np.float64)
-        b = np.asarray(beta, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"alpha and beta must be numeric vectors: {exc}") from None
-    if a.shape != (n,) or b.shape != (n,):
-        raise ConfigError(f"alpha and beta must each have {n} entries, got shapes {a.shape} and {b.shape}")
-    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
-        raise ConfigError("alpha and beta must be finite")
-    if np.any(a < 0.0) or np.any(a > 1.0):
-        raise ConfigError(f"alpha entries must lie in [0, 1], got {a.min()}..{a.max()}")
-    return a, b
 
 
 def keep_counts_vector(alpha: FloatArray, size: int) -> NDArray[np.int64]:
