@@ -638,8 +638,11 @@ def document_without_timing(document: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_result(path: str | Path) -> dict[str, Any]:
-    """A result.json written by the demo."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    """A result.json written by the demo; ConfigError when it cannot be read or is something else."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != RESULT_FORMAT:
         raise ConfigError(f"{path} is not an evomerge demo result")
     return data

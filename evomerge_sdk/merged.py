@@ -160,8 +160,8 @@ class MergedSpec:
                 preset_id=data.get("preset_id"),
                 name=data.get("name", "evomerge-merged"),
             )
-        except (KeyError, TypeError) as exc:
-            raise ConfigError(f"the merged-model document is incomplete: {exc}") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"the merged-model document is incomplete or malformed: {exc}") from exc
 
 
 def load_spec(path: str | Path) -> MergedSpec:

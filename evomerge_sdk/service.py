@@ -137,6 +137,11 @@ class ServiceCompletion:
     finish_reason: str | None = None
 
 
+def _check_tokens_per_evaluation(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"tokens_per_evaluation must be a positive integer, got {value!r}")
+
+
 def _number(value: Any, where: str, *, allow_null: bool = False) -> float | None:
     if value is None and allow_null:
         return None
@@ -209,14 +214,7 @@ class MergeServiceClient:
         self.base_url = check_base_url(base_url, "base_url")
         if scheduler is not None and not isinstance(scheduler, Scheduler):
             raise ConfigError(f"scheduler must be a Scheduler, got {type(scheduler).__name__}")
-        if (
-            isinstance(tokens_per_evaluation, bool)
-            or not isinstance(tokens_per_evaluation, int)
-            or tokens_per_evaluation < 1
-        ):
-            raise ConfigError(
-                f"tokens_per_evaluation must be a positive integer, got {tokens_per_evaluation!r}"
-            )
+        _check_tokens_per_evaluation(tokens_per_evaluation)
         if not isinstance(model, str) or not model:
             raise ConfigError("model must be a non-empty string")
         self.model = model
@@ -339,6 +337,8 @@ class MergeServiceClient:
         """`POST /v1/sessions`: a session scoring `query_plus`'s data (the server's default when None)."""
         if not isinstance(preset_id, str) or not preset_id:
             raise ConfigError("preset_id must be a non-empty string")
+        if tokens_per_evaluation is not None:
+            _check_tokens_per_evaluation(tokens_per_evaluation)
         extensions = await self.extensions()
         body: dict[str, Any] = {"preset_id": preset_id}
         if model_name_or_path is not None:

@@ -22,6 +22,7 @@ from evomerge_anthropic import AnthropicProvider
 from evomerge_openai import OpenAIProvider
 
 from evomerge_sdk.cli import main as cli_main
+from evomerge_sdk.demo import load_result
 from evomerge_sdk.engine import EvoMerge, StageConfig
 from evomerge_sdk.engine.config import SearchConfig
 from evomerge_sdk.errors import BadResponse, ConfigError, EvomergeError, InvalidRequest
@@ -29,6 +30,7 @@ from evomerge_sdk.local.faults import FaultConfig, ServerLimits
 from evomerge_sdk.local.repository import Repository
 from evomerge_sdk.local.server import LocalService
 from evomerge_sdk.local.sessions import preset_id
+from evomerge_sdk.merged import MERGED_FORMAT, MergedSpec
 from evomerge_sdk.providers import ChatRequest, Usage
 from evomerge_sdk.scheduler import Budget, ResponseCache, RetryPolicy, Scheduler
 from evomerge_sdk.service import MergeServiceClient
@@ -78,6 +80,15 @@ CONFIGS: dict[str, tuple[Callable[[], object], str]] = {
         lambda: ChatRequest(model="m", messages=[{"role": "user"}]),
         "message 0 must be a Message or a mapping",
     ),
+    "stage popsize a string": (lambda: _stage(popsize="20"), "popsize"),
+    "stage popsize fractional": (lambda: _stage(popsize=2.5), "popsize"),
+    "stage from a dict with a stray key": (
+        lambda: StageConfig.from_dict(
+            {"start": 1.0, "sigma": 0.1, "lower": 0, "upper": 1, "max_evaluations": 10, "x": 1}
+        ),
+        "unexpected keyword argument 'x'",
+    ),
+    "search config without a name": (lambda: SearchConfig.from_dict({}), "needs a name"),
     "no stage": (lambda: SearchConfig(name="x", denoise=None, scale=None), "at least one stage"),
     "seed negative": (lambda: attrs.evolve(SEARCH, seed=-1), "seed"),
     "pool size 0": (lambda: EvoMerge(lambda c, x: [], 0, SEARCH), "n_models"),  # type: ignore[arg-type]
@@ -96,6 +107,26 @@ CONFIGS: dict[str, tuple[Callable[[], object], str]] = {
     "anthropic without key": (
         lambda: AnthropicProvider(base_url="http://127.0.0.1:1", api_key=""),
         "API key",
+    ),
+    "session tokens": (
+        lambda: anyio.run(
+            lambda: MergeServiceClient("http://127.0.0.1:1").create_session("p", tokens_per_evaluation=-1)
+        ),
+        "tokens_per_evaluation",
+    ),
+    "demo result missing": (lambda: load_result("/nonexistent/result.json"), "cannot read"),
+    "merged spec with text for a number": (
+        lambda: MergedSpec.from_dict(
+            {
+                "format": MERGED_FORMAT,
+                "version": 1,
+                "mode": "output",
+                "pool": ["a"],
+                "alpha": ["x"],
+                "beta": [1],
+            }
+        ),
+        "malformed",
     ),
 }
 

@@ -42,6 +42,10 @@ def budget_too_small(max_evaluations: int, popsize: int) -> str:
     return f"max_evaluations={max_evaluations} does not pay for one generation of {popsize} candidates"
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_stage(stage: StageConfig) -> None:
     def fail(msg: str) -> ConfigError:
         return ConfigError(f"stage config: {msg}")
@@ -56,10 +60,10 @@ def _check_stage(stage: StageConfig) -> None:
         raise fail(f"bounds need lower < upper, got [{stage.lower}, {stage.upper}]")
     if stage.penalty < 0 or stage.tolfun < 0 or stage.tolx < 0:
         raise fail("penalty, tolfun and tolx must be >= 0")
-    if stage.popsize is not None and (isinstance(stage.popsize, bool) or stage.popsize < 2):
+    if stage.popsize is not None and not (_is_int(stage.popsize) and stage.popsize >= 2):
         raise fail(f"popsize must be None (default) or an integer >= 2, got {stage.popsize!r}")
-    if isinstance(stage.max_evaluations, bool) or stage.max_evaluations < 1:
-        raise fail(f"max_evaluations must be >= 1, got {stage.max_evaluations!r}")
+    if not (_is_int(stage.max_evaluations) and stage.max_evaluations >= 1):
+        raise fail(f"max_evaluations must be an integer >= 1, got {stage.max_evaluations!r}")
     if stage.start != "1/N":
         if isinstance(stage.start, (str, bool)) or not math.isfinite(stage.start):
             raise fail(f"start must be a finite number or '1/N', got {stage.start!r}")
@@ -69,15 +73,9 @@ def _check_stage(stage: StageConfig) -> None:
         raise fail(f"diagonal must be True, False or 'auto', got {stage.diagonal!r}")
     if stage.sigma_scaling not in ("none", "sqrt"):
         raise fail(f"sigma_scaling must be 'none' or 'sqrt', got {stage.sigma_scaling!r}")
-    if stage.batch_size is not None and (
-        isinstance(stage.batch_size, bool) or not isinstance(stage.batch_size, int) or stage.batch_size < 1
-    ):
+    if stage.batch_size is not None and not (_is_int(stage.batch_size) and stage.batch_size >= 1):
         raise fail(f"batch_size must be None (whole split) or an integer >= 1, got {stage.batch_size!r}")
-    if (
-        isinstance(stage.rescore_every, bool)
-        or not isinstance(stage.rescore_every, int)
-        or stage.rescore_every < 0
-    ):
+    if not (_is_int(stage.rescore_every) and stage.rescore_every >= 0):
         raise fail(f"rescore_every must be an integer >= 0, got {stage.rescore_every!r}")
     if stage.popsize is not None and stage.max_evaluations < stage.popsize:
         raise fail(budget_too_small(stage.max_evaluations, stage.popsize))
@@ -145,7 +143,10 @@ class StageConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StageConfig:
         """The inverse of `to_dict`."""
-        return cls(**data)
+        try:
+            return cls(**data)
+        except TypeError as exc:  # an unknown or missing field
+            raise ConfigError(f"stage config: {exc}") from None
 
 
 @attrs.frozen
@@ -215,6 +216,8 @@ class SearchConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
         """The inverse of `to_dict`."""
+        if not isinstance(data.get("name"), str):
+            raise ConfigError("a search config needs a name (a string)")
         stop = data.get("early_stopping")
         return cls(
             name=data["name"],
