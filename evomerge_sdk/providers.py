@@ -8,6 +8,7 @@ hierarchy in `evomerge_sdk.errors`.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -41,18 +42,35 @@ def _check_role(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
         raise ConfigError(f"message role must be one of {_ROLES}, got {value!r}")
 
 
+def check_text(value: object, what: str) -> str:
+    """`value` if it is a string that can be sent (UTF-8 encodable); ConfigError naming `what` otherwise."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{what} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{what} is not valid text (a lone surrogate at {exc.start})") from None
+    return value
+
+
+def _check_content(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
+    check_text(value, "message content")
+
+
 @attrs.frozen
 class Message:
     """One chat message."""
 
     role: Role = attrs.field(validator=_check_role)
-    content: str = attrs.field(validator=attrs.validators.instance_of(str))
+    content: str = attrs.field(validator=_check_content)
 
 
 def as_messages(value: str | Sequence[Message] | Sequence[Mapping[str, str]]) -> tuple[Message, ...]:
     """A chat as `Message`s: a plain string is one user message; dicts need "role" and "content"."""
     if isinstance(value, str):
         return (Message("user", value),)
+    if not isinstance(value, Sequence):
+        raise ConfigError(f"messages must be a string or a list of messages, got {type(value).__name__}")
     out = []
     for i, m in enumerate(value):
         if isinstance(m, Message):
@@ -66,17 +84,25 @@ def as_messages(value: str | Sequence[Message] | Sequence[Mapping[str, str]]) ->
     return tuple(out)
 
 
-def _positive_int(_inst: object, attr: attrs.Attribute[Any], value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-        raise ConfigError(f"{attr.name} must be a positive integer, got {value!r}")
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _top_logprobs(_inst: object, _attr: attrs.Attribute[Any], value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or not 0 <= value <= 20):
-        raise ConfigError(f"top_logprobs must be an integer in [0, 20], got {value!r}")
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Keys `extra` may not set: the typed fields own them, and the budget reserves for `max_tokens` output
+# tokens of one streamed-whole answer, so a bigger cap, several choices or a stream would overspend it.
+_RESERVED_EXTRA = frozenset(
+    {"model", "messages", "max_tokens", "max_completion_tokens", "max_output_tokens", "n", "stream"}
+    | {"temperature", "top_p", "logprobs", "top_logprobs"}
+)
 
 
 def _to_dict(value: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"extra must be a mapping, got {type(value).__name__}")
     return dict(value)
 
 
@@ -88,18 +114,40 @@ class ChatRequest:
     into the body they send. `messages` accepts a plain string as a single user message.
     """
 
-    model: str = attrs.field(validator=attrs.validators.min_len(1))
+    model: str
     messages: tuple[Message, ...] = attrs.field(converter=as_messages)
-    max_tokens: int = attrs.field(default=256, validator=_positive_int)
+    max_tokens: int = 256
     temperature: float | None = None
     top_p: float | None = None
     logprobs: bool = False
-    top_logprobs: int | None = attrs.field(default=None, validator=_top_logprobs)
+    top_logprobs: int | None = None
     extra: Mapping[str, Any] = attrs.field(factory=dict, converter=_to_dict)
 
     def __attrs_post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError(f"model must be a non-empty string, got {self.model!r}")
         if not self.messages:
             raise ConfigError("a request needs at least one message")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.temperature is not None and not (_is_number(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"temperature must be a finite number >= 0 or None, got {self.temperature!r}")
+        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise ConfigError(f"top_p must be a number in (0, 1] or None, got {self.top_p!r}")
+        if not isinstance(self.logprobs, bool):
+            raise ConfigError(f"logprobs must be True or False, got {self.logprobs!r}")
+        if self.top_logprobs is not None and not (
+            _is_int(self.top_logprobs) and 0 <= self.top_logprobs <= 20
+        ):
+            raise ConfigError(
+                f"top_logprobs must be an integer in [0, 20] or None, got {self.top_logprobs!r}"
+            )
+        reserved = sorted(k for k in self.extra if k in _RESERVED_EXTRA)
+        if reserved:
+            raise ConfigError(
+                f"extra may not set {reserved}: use ChatRequest's own fields (the budget reserves for "
+                "max_tokens output tokens of one answer)"
+            )
 
     def canonical_json(self) -> str:
         """A stable serialisation: equal requests give equal strings (the cache key is its hash)."""

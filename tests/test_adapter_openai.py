@@ -32,6 +32,7 @@ from wire_servers import (
 from evomerge_sdk import (
     AuthenticationError,
     BadResponse,
+    Budget,
     ChatRequest,
     ConfigError,
     ConnectionFailed,
@@ -40,6 +41,7 @@ from evomerge_sdk import (
     RateLimited,
     RateLimitInfo,
     RetryableError,
+    Scheduler,
     ServerError,
     Timeout,
     TokenLogprob,
@@ -432,8 +434,8 @@ def test_bad_configuration_fails_at_construction(kwargs: dict[str, Any], needle:
 @pytest.mark.parametrize(
     "request_, needle",
     [
-        (ChatRequest(model="m", messages="hi", temperature=math.nan), "non-finite"),
-        (ChatRequest(model="m", messages="hi", extra={"stream": True}), "stream"),
+        (ChatRequest(model="m", messages="hi", extra={"seed": math.nan}), "non-finite"),
+        (ChatRequest(model="m", messages="hi", extra={"logit_bias": {"1": math.inf}}), "non-finite"),
     ],
 )
 async def test_unsendable_requests_are_refused_before_sending(
@@ -441,6 +443,10 @@ async def test_unsendable_requests_are_refused_before_sending(
 ) -> None:
     with pytest.raises(ConfigError, match=needle):
         await provider.complete(request_)
+    async with Scheduler(budget=Budget(tokens=10_000)) as scheduler:
+        with pytest.raises(ConfigError, match=needle):
+            await scheduler.complete(provider, request_)
+        assert scheduler.spent().tokens == 0 and scheduler.spent().reserved_tokens == 0  # never sent
     assert server.received == []
 
 

@@ -33,10 +33,20 @@ def test_dict_messages_are_converted() -> None:
         ({"model": "m", "messages": "x", "max_tokens": 0}, "max_tokens"),
         ({"model": "m", "messages": "x", "top_logprobs": 21}, "top_logprobs"),
         ({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "role"),
+        ({"model": "m", "messages": "x", "max_tokens": None}, "max_tokens"),
+        ({"model": "m", "messages": "x", "temperature": float("nan")}, "temperature"),
+        ({"model": "m", "messages": "x", "top_p": 5}, "top_p"),
+        ({"model": "m", "messages": "x", "logprobs": "yes"}, "logprobs"),
+        ({"model": "m", "messages": "x", "top_logprobs": True}, "top_logprobs"),
+        ({"model": "m", "messages": "\udcff bad"}, "lone surrogate"),
+        ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "content must be a string"),
+        ({"model": "m", "messages": 5}, "messages must be a string or a list"),
+        ({"model": "m", "messages": "x", "extra": {"max_tokens": 5000}}, "extra may not set"),
+        ({"model": "m", "messages": "x", "extra": {"stream": True, "n": 3}}, r"\['n', 'stream'\]"),
     ],
 )
 def test_bad_requests_fail_at_construction(kwargs: dict[str, object], needle: str) -> None:
-    with pytest.raises((ConfigError, ValueError), match=needle):
+    with pytest.raises(ConfigError, match=needle):
         ChatRequest(**kwargs)  # type: ignore[arg-type]
 
 

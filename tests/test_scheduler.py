@@ -283,7 +283,7 @@ async def test_auth_and_invalid_requests_are_never_retried() -> None:
         await wrong.aclose()
         right = server.provider()
         with pytest.raises(InvalidRequest):
-            await s.complete(right, ChatRequest(model=MODEL, messages="x", extra={"messages": "not a list"}))
+            await s.complete(right, ChatRequest(model=MODEL, messages="x", extra={"seed": "not a number"}))
         await right.aclose()
         assert server.stats.requests == 2
         assert s.metrics().retries == 0 and s.spent().reserved_tokens == 0 and s.spent().tokens == 0

@@ -155,6 +155,9 @@ class EchoServer(AppServer):
         messages = body.get("messages")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ConfigError("messages must be a list of {role, content} objects")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ConfigError(f"seed must be an integer, got {seed!r}")
         return ChatRequest(
             model=body.get("model", ""),
             messages=[{"role": m.get("role"), "content": m.get("content")} for m in messages],

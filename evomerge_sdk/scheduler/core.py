@@ -61,8 +61,9 @@ __all__ = ["CallResult", "Outcome", "Scheduler"]
 
 _DEFAULT_LOG = get_logger("evomerge_sdk.scheduler")
 
-# Errors after which the API did no billable work: the reservation is released, not charged.
-_NOT_SERVED = (RateLimited, ServerError, AuthenticationError, InvalidRequest)
+# Errors after which the API did no billable work: the reservation is released, not charged. A
+# ConfigError is the SDK refusing the request (an unsendable body, a closed provider) before it is sent.
+_NOT_SERVED = (RateLimited, ServerError, AuthenticationError, InvalidRequest, ConfigError)
 
 
 @attrs.frozen
