@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import stat
@@ -104,6 +105,21 @@ async def test_a_file_that_is_not_sqlite_is_a_clear_error(tmp_path: Path) -> Non
     path.write_bytes(b"this is not a database, just some bytes " * 100)
     with pytest.raises(ConfigError, match="not a usable SQLite database"):
         await ResponseCache(path).open()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "schema", ["CREATE TABLE users (id INTEGER)", "CREATE TABLE responses (id INTEGER, body TEXT)"]
+)
+async def test_another_programs_database_is_refused_and_left_as_it_was(tmp_path: Path, schema: str) -> None:
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(schema)
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match="needs a file of its own"):
+        await ResponseCache(path).open()
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["app.db"]  # no -wal or -shm beside it
 
 
 _RUN = """

@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS responses (
     cached_tokens INTEGER NOT NULL
 ) WITHOUT ROWID
 """
+_COLUMNS = ("key", "value", "input_tokens", "output_tokens", "cached_tokens")
 _BATCH = 256
 
 
@@ -209,6 +210,17 @@ class ResponseCache:
             self._opens -= 1
             raise
 
+    def _check_is_ours(self, conn: sqlite3.Connection) -> None:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(responses)")]
+        if tables - {"responses"} or (columns and columns != list(_COLUMNS)):
+            conn.close()
+            found = ", ".join(sorted(tables))
+            raise ConfigError(
+                f"cache file {self.path!r} is a SQLite database with other tables ({found}); "
+                "a response cache needs a file of its own"
+            )
+
     def _open_sync(self) -> None:
         assert self.path is not None
         parent = os.path.dirname(os.path.abspath(self.path))
@@ -218,6 +230,7 @@ class ResponseCache:
         os.close(fd)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
+            self._check_is_ours(conn)  # before WAL or the schema touch a database the user keeps
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(_SCHEMA)
             self._on_disk = {row[0] for row in conn.execute("SELECT key FROM responses")}
