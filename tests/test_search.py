@@ -191,11 +191,37 @@ async def test_foreign_or_corrupt_checkpoints_are_refused(pool: SyntheticPool, t
     path.write_text(json.dumps({"hello": "world"}))
     with pytest.raises(ConfigError, match="not an evomerge-sdk search checkpoint"):
         await EvoMerge(pool, N, SMALL, checkpoint=path).run()
-    doc = json.loads(text)
-    del doc["state"]["es"]["ps"]
-    path.write_text(json.dumps(doc))
-    with pytest.raises(ConfigError, match="damaged"):
-        await EvoMerge(pool, N, SMALL, checkpoint=path).run()
+    for damage in ("drop es.ps", "stage 7"):
+        doc = json.loads(text)
+        if damage == "stage 7":
+            doc["state"]["stage_index"] = 7
+        else:
+            del doc["state"]["es"]["ps"]
+        path.write_text(json.dumps(doc))
+        with pytest.raises(ConfigError, match=f"checkpoint {path} is damaged"):
+            await EvoMerge(pool, N, SMALL, checkpoint=path).run()
+
+
+@pytest.mark.anyio
+async def test_an_unwritable_checkpoint_is_refused_before_any_evaluation(
+    pool: SyntheticPool, tmp_path: Path
+) -> None:
+    (tmp_path / "a-file").write_text("x")
+    for path, needle in (
+        (tmp_path / "a-file" / "ckpt.json", "cannot create its folder"),
+        (tmp_path, "directory"),
+    ):
+        rec = Recorder(pool)
+        with pytest.raises(ConfigError, match=needle):
+            await EvoMerge(rec, N, SMALL, checkpoint=path).run()
+        assert rec.log == []
+
+
+def test_objective_and_progress_callback_must_be_callable(pool: SyntheticPool) -> None:
+    with pytest.raises(ConfigError, match="objective must be callable"):
+        EvoMerge(None, N, SMALL)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="on_progress must be a function"):
+        EvoMerge(pool, N, SMALL, on_progress=5)  # type: ignore[arg-type]
 
 
 @pytest.mark.anyio

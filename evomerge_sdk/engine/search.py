@@ -409,6 +409,12 @@ class EvoMerge:
             raise ConfigError(f"n_models must be a positive integer, got {n_models!r}")
         if not isinstance(config, SearchConfig):
             raise ConfigError(f"config must be a SearchConfig, got {type(config).__name__}")
+        if not callable(objective):
+            raise ConfigError(
+                f"objective must be callable (candidates, context) -> losses, got {objective!r:.80}"
+            )
+        if on_progress is not None and not callable(on_progress):
+            raise ConfigError(f"on_progress must be a function or None, got {on_progress!r:.80}")
         for name, stage in config.stages():
             stage.start_value(n_models)
             if stage.max_evaluations < stage.popsize_value(n_models):
@@ -441,7 +447,18 @@ class EvoMerge:
 
     def _load(self) -> tuple[_RunState, SearchResult | None] | None:
         path = self.checkpoint
-        if path is None or not path.exists():
+        if path is None:
+            return None
+        # A checkpoint that cannot be written is the caller's setting: say so before paying for a generation.
+        if path.is_dir():
+            raise ConfigError(f"checkpoint {path} is a directory; give a file name")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"checkpoint {path}: cannot create its folder: {exc.strerror or exc}") from None
+        if not os.access(path.parent, os.W_OK):
+            raise ConfigError(f"checkpoint {path}: its folder is not writable")
+        if not path.exists():
             return None
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
@@ -460,9 +477,9 @@ class EvoMerge:
         try:
             state = _RunState.from_dict(doc["state"])
             result = SearchResult.from_dict(doc["result"]) if doc.get("finished") else None
-        except ConfigError:
-            raise
-        except (KeyError, TypeError, ValueError) as exc:
+            if not 0 <= state.stage_index <= len(self.config.stages()):
+                raise ValueError(f"stage {state.stage_index} of a {len(self.config.stages())}-stage search")
+        except (ConfigError, KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"checkpoint {path} is damaged: {exc}") from exc
         return state, result
 
