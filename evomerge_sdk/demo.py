@@ -70,22 +70,33 @@ _FULL_BUDGET = 8_000_000
 _QUICK_BUDGET = 2_000_000
 
 
-def _positive_int(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+# attrs validators and converters of both demo configs (`demo_output` imports them).
+def positive_int(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """An integer >= 1 (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
 
 
-def _non_negative_int(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+def non_negative_int(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """An integer >= 0 (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{attribute.name} must be a non-negative integer, got {value!r}")
 
 
-def _optional_positive_int(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+def optional_positive_int(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """None or an integer >= 1."""
     if value is not None:
-        _positive_int(inst, attribute, value)
+        positive_int(inst, attribute, value)
 
 
-def _optional_path(value: str | Path | None) -> Path | None:
+def folder(_: object, attribute: attrs.Attribute[Any], value: Path | None) -> None:
+    """None, a folder, or a path not yet taken (refused at once if a file is there)."""
+    if value is not None and value.exists() and not value.is_dir():
+        raise ConfigError(f"{attribute.name} {str(value)!r} is a file, not a folder")
+
+
+def optional_path(value: str | Path | None) -> Path | None:
+    """None stays None; anything else becomes a Path."""
     return None if value is None else Path(value)
 
 
@@ -97,22 +108,22 @@ class DemoConfig:
     preset's; 300 in quick mode). LoRAHub-style runs that many evaluations; the Evo-Merging row's preset is
     sized to the same number of examples scored (`engine.fit_to_queries`). `budget_tokens` is a hard cap
     on each search row on top (default 8M, 2M in quick mode). `quick` shrinks the spend (not the pool) so
-    the whole demo takes seconds. `preset` names the engine preset of the Evo-Merging row.
+    the whole demo takes well under a minute. `preset` names the engine preset of the Evo-Merging row.
     `cache_dir` is the repository cache (default: `evomerge_sdk.local.default_cache_dir()`);
     `response_cache` an optional SQLite file the searches' evaluations are cached in across runs.
     """
 
-    seed: int = attrs.field(default=0, validator=_non_negative_int)
-    pool_size: int = attrs.field(default=20, validator=_positive_int)
+    seed: int = attrs.field(default=0, validator=non_negative_int)
+    pool_size: int = attrs.field(default=20, validator=positive_int)
     target: str | None = None
-    budget_tokens: int | None = attrs.field(default=None, validator=_optional_positive_int)
+    budget_tokens: int | None = attrs.field(default=None, validator=optional_positive_int)
     quick: bool = False
-    out_dir: Path = attrs.field(default=Path("evomerge-out"), converter=Path)
-    repository_seed: int = attrs.field(default=0, validator=_non_negative_int)
+    out_dir: Path = attrs.field(default=Path("evomerge-out"), converter=Path, validator=folder)
+    repository_seed: int = attrs.field(default=0, validator=non_negative_int)
     preset: str = "default"
-    search_evaluations: int | None = attrs.field(default=None, validator=_optional_positive_int)
-    cache_dir: Path | None = attrs.field(default=None, converter=_optional_path)
-    response_cache: Path | None = attrs.field(default=None, converter=_optional_path)
+    search_evaluations: int | None = attrs.field(default=None, validator=optional_positive_int)
+    cache_dir: Path | None = attrs.field(default=None, converter=optional_path, validator=folder)
+    response_cache: Path | None = attrs.field(default=None, converter=optional_path)
     plot: bool = True
 
     def __attrs_post_init__(self) -> None:

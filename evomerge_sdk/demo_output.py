@@ -36,7 +36,12 @@ from .demo import (
     Reporter,
     SilentReporter,
     describe_search,
+    folder,
+    non_negative_int,
+    optional_path,
+    optional_positive_int,
     pick_target,
+    positive_int,
     quick_search_config,
 )
 from .engine.baselines import best_single, lorahub, uniform_merge
@@ -80,25 +85,6 @@ _VALIDATION = EvaluationContext(Split.VALIDATION, "prune", 0, 0)
 _QUICK_TEST = 300
 
 
-def _non_negative(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{attribute.name} must be a non-negative integer, got {value!r}")
-
-
-def _positive(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
-
-
-def _optional_positive(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None:
-        _positive(inst, attribute, value)
-
-
-def _optional_path(value: str | Path | None) -> Path | None:
-    return None if value is None else Path(value)
-
-
 @attrs.frozen
 class OutputDemoConfig:
     """What the output-mode demo runs. `reference` is "base" (the embedded base model) or "mean" (the
@@ -106,18 +92,18 @@ class OutputDemoConfig:
     cuts the search budgets. `response_cache` is an optional SQLite file, so a re-run queries nothing.
     `small_repository` uses the tiny test repository (`RepositoryConfig.small`)."""
 
-    seed: int = attrs.field(default=0, validator=_non_negative)
-    pool_size: int = attrs.field(default=20, validator=_positive)
+    seed: int = attrs.field(default=0, validator=non_negative_int)
+    pool_size: int = attrs.field(default=20, validator=positive_int)
     target: str | None = None
     quick: bool = False
-    out_dir: Path = attrs.field(default=Path("evomerge-out"), converter=Path)
-    repository_seed: int = attrs.field(default=0, validator=_non_negative)
+    out_dir: Path = attrs.field(default=Path("evomerge-out"), converter=Path, validator=folder)
+    repository_seed: int = attrs.field(default=0, validator=non_negative_int)
     preset: str = "default"
     reference: str = "base"
-    test_examples: int | None = attrs.field(default=None, validator=_optional_positive)
-    cache_dir: Path | None = attrs.field(default=None, converter=_optional_path)
-    response_cache: Path | None = attrs.field(default=None, converter=_optional_path)
-    max_concurrency: int = attrs.field(default=16, validator=_positive)
+    test_examples: int | None = attrs.field(default=None, validator=optional_positive_int)
+    cache_dir: Path | None = attrs.field(default=None, converter=optional_path, validator=folder)
+    response_cache: Path | None = attrs.field(default=None, converter=optional_path)
+    max_concurrency: int = attrs.field(default=16, validator=positive_int)
     small_repository: bool = False
 
     def __attrs_post_init__(self) -> None:

@@ -22,7 +22,8 @@ from evomerge_anthropic import AnthropicProvider
 from evomerge_openai import OpenAIProvider
 
 from evomerge_sdk.cli import main as cli_main
-from evomerge_sdk.demo import load_result
+from evomerge_sdk.demo import DemoConfig, load_result
+from evomerge_sdk.demo_output import OutputDemoConfig
 from evomerge_sdk.engine import EvoMerge, StageConfig
 from evomerge_sdk.engine.config import SearchConfig
 from evomerge_sdk.errors import BadResponse, ConfigError, EvomergeError, InvalidRequest
@@ -100,6 +101,9 @@ CONFIGS: dict[str, tuple[Callable[[], object], str]] = {
     ),
     "service body cap": (lambda: LocalService(max_body_bytes=0), "max_body_bytes"),
     "service sessions": (lambda: LocalService(max_sessions=-3), "max_sessions"),
+    "service output a file": (lambda: LocalService(output_dir=__file__), "output_dir .* is a file"),
+    "demo output a file": (lambda: DemoConfig(out_dir=__file__), "out_dir .* is a file"),
+    "demo cache a file": (lambda: OutputDemoConfig(cache_dir=__file__), "cache_dir .* is a file"),
     "openai max_tokens_field": (
         lambda: OpenAIProvider(base_url="http://127.0.0.1:1/v1", max_tokens_field="tokens"),  # type: ignore[arg-type]
         "max_tokens_field",

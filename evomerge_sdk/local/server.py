@@ -170,6 +170,8 @@ class LocalService(AppServer):
         self.reference_only = bool(reference_only)
         self.extensions = () if reference_only else EXTENSIONS
         self._output_dir = Path(output_dir) if output_dir is not None else None
+        if self._output_dir is not None and self._output_dir.exists() and not self._output_dir.is_dir():
+            raise ConfigError(f"output_dir {str(self._output_dir)!r} is a file, not a folder")
         self._workers = anyio.CapacityLimiter(workers)
         self.stats = ServerStats()
         self.injector = FaultInjector(
