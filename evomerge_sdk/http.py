@@ -64,6 +64,8 @@ class HTTPAnswer:
 
 def check_base_url(url: str, what: str) -> str:
     """`url` without a trailing slash; a `ConfigError` unless it is an absolute http(s) URL."""
+    if not isinstance(url, str):
+        raise ConfigError(f"{what} must be a URL string, got {type(url).__name__}")
     parsed = URL(url)
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ConfigError(f"{what} must be an absolute http(s) URL, got {url!r}")
@@ -100,6 +102,12 @@ class HTTPClient:
         self._session = session
         self._owned = session is None
         self._closed = False
+        for secret in secrets:
+            # Never echo the value: it is a credential.
+            if secret is not None and not isinstance(secret, str):
+                raise ConfigError(f"an API key must be a string, got {type(secret).__name__}")
+            if secret and not secret.isprintable():
+                raise ConfigError("an API key must be printable text (no line breaks or control characters)")
         self._secrets = tuple(s for s in secrets if s)
         self.max_answer_bytes = MAX_ANSWER_BYTES
 

@@ -24,7 +24,7 @@ from evomerge_openai import OpenAIProvider
 from evomerge_sdk.cli import main as cli_main
 from evomerge_sdk.demo import DemoConfig, load_result
 from evomerge_sdk.demo_output import OutputDemoConfig
-from evomerge_sdk.engine import EvoMerge, StageConfig
+from evomerge_sdk.engine import EvoMerge, StageConfig, fit_to_queries, random_search
 from evomerge_sdk.engine.config import SearchConfig
 from evomerge_sdk.errors import BadResponse, ConfigError, EvomergeError, InvalidRequest
 from evomerge_sdk.local.faults import FaultConfig, ServerLimits
@@ -101,6 +101,20 @@ CONFIGS: dict[str, tuple[Callable[[], object], str]] = {
     ),
     "service body cap": (lambda: LocalService(max_body_bytes=0), "max_body_bytes"),
     "service sessions": (lambda: LocalService(max_sessions=-3), "max_sessions"),
+    "service url not a string": (lambda: MergeServiceClient(5), "base_url must be a URL string"),  # type: ignore[arg-type]
+    "api key not a string": (
+        lambda: MergeServiceClient("http://127.0.0.1:1", api_key=123),
+        "must be a string, got int",
+    ),  # type: ignore[arg-type]
+    "api key with a line break": (
+        lambda: OpenAIProvider(base_url="http://127.0.0.1:1/v1", api_key="sk-a\nb"),
+        "printable",
+    ),
+    "queries to fit NaN": (lambda: fit_to_queries(SEARCH, 5, 300, math.nan), "max_queries"),  # type: ignore[arg-type]
+    "random search forever": (
+        lambda: anyio.run(lambda: random_search(lambda c, x: [0.0] * len(c), 5, max_evaluations=math.inf)),  # type: ignore[arg-type]
+        "max_evaluations must be an integer",
+    ),
     "service output a file": (lambda: LocalService(output_dir=__file__), "output_dir .* is a file"),
     "demo output a file": (lambda: DemoConfig(out_dir=__file__), "out_dir .* is a file"),
     "demo cache a file": (lambda: OutputDemoConfig(cache_dir=__file__), "cache_dir .* is a file"),

@@ -145,8 +145,13 @@ async def random_search(
     A `BudgetExceeded` after the first batch stops cleanly with the best so far.
     """
     _check_n(n_models)
-    if isinstance(batch_size, bool) or batch_size < 1 or max_evaluations < 1:
-        raise ConfigError("batch_size and max_evaluations must be >= 1")
+    for name, value, low in (
+        ("batch_size", batch_size, 1),
+        ("max_evaluations", max_evaluations, 1),
+        ("seed", seed, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
     for lo, hi in (alpha_bounds, beta_bounds):
         if not lo < hi:
             raise ConfigError(f"bounds need lower < upper, got [{lo}, {hi}]")

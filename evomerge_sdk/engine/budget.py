@@ -67,6 +67,8 @@ def fit_to_queries(
     Every stage keeps its share of the generations, so a preset's design (how it splits its budget between
     denoising and scaling, how often it re-scores) carries over to any spend.
     """
+    if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1:
+        raise ConfigError(f"max_queries must be a positive integer, got {max_queries!r}")
     smallest = _scaled(config, 0.0, n)
     if planned_queries(smallest, n, examples, held_out) > max_queries:
         raise ConfigError(
