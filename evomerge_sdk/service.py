@@ -542,6 +542,12 @@ class ServiceObjective:
         validation: ServiceSession,
         held_out: ServiceSession | None = None,
     ) -> None:
+        if not isinstance(client, MergeServiceClient):
+            raise ConfigError(f"client must be a MergeServiceClient, got {type(client).__name__}")
+        if not isinstance(validation, ServiceSession):
+            raise ConfigError(
+                f"the validation session must be a ServiceSession, got {type(validation).__name__}"
+            )
         for session in (validation, held_out):
             if session is not None and not isinstance(session, ServiceSession):
                 raise ConfigError(f"sessions must be ServiceSession objects, got {type(session).__name__}")

@@ -24,7 +24,7 @@ from evomerge_openai import OpenAIProvider
 from evomerge_sdk.cli import main as cli_main
 from evomerge_sdk.demo import DemoConfig, load_result
 from evomerge_sdk.demo_output import OutputDemoConfig
-from evomerge_sdk.engine import EvoMerge, StageConfig, fit_to_queries, random_search
+from evomerge_sdk.engine import Candidate, EvoMerge, StageConfig, fit_to_queries, preset, random_search
 from evomerge_sdk.engine.config import SearchConfig
 from evomerge_sdk.errors import BadResponse, ConfigError, EvomergeError, InvalidRequest
 from evomerge_sdk.local.faults import FaultConfig, ServerLimits
@@ -34,7 +34,7 @@ from evomerge_sdk.local.sessions import preset_id
 from evomerge_sdk.merged import MERGED_FORMAT, MergedSpec
 from evomerge_sdk.providers import ChatRequest, Usage
 from evomerge_sdk.scheduler import Budget, ResponseCache, RetryPolicy, Scheduler
-from evomerge_sdk.service import MergeServiceClient
+from evomerge_sdk.service import MergeServiceClient, ServiceObjective
 
 PRESET = preset_id("ood:ner/news", 5)
 ONCE = RetryPolicy(max_attempts=1)
@@ -90,6 +90,18 @@ CONFIGS: dict[str, tuple[Callable[[], object], str]] = {
         "unexpected keyword argument 'x'",
     ),
     "search config without a name": (lambda: SearchConfig.from_dict({}), "needs a name"),
+    "stage start None": (lambda: _stage(start=None), "start must be a finite number"),
+    "stage given as text": (
+        lambda: SearchConfig(name="x", denoise="fast", scale=None),
+        "denoise must be a StageConfig",
+    ),  # type: ignore[arg-type]
+    "early stopping a number": (lambda: attrs.evolve(SEARCH, early_stopping=5), "early_stopping must be"),
+    "preset a list": (lambda: preset(["default"]), "unknown preset"),  # type: ignore[arg-type]
+    "candidate of words": (lambda: Candidate(["a", "b"], [1, 1]), "must be numbers"),
+    "objective without a session": (
+        lambda: ServiceObjective(MergeServiceClient("http://127.0.0.1:1"), None),  # type: ignore[arg-type]
+        "validation session must be a ServiceSession",
+    ),
     "no stage": (lambda: SearchConfig(name="x", denoise=None, scale=None), "at least one stage"),
     "seed negative": (lambda: attrs.evolve(SEARCH, seed=-1), "seed"),
     "pool size 0": (lambda: EvoMerge(lambda c, x: [], 0, SEARCH), "n_models"),  # type: ignore[arg-type]

@@ -46,6 +46,10 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_stage(stage: StageConfig) -> None:
     def fail(msg: str) -> ConfigError:
         return ConfigError(f"stage config: {msg}")
@@ -65,7 +69,7 @@ def _check_stage(stage: StageConfig) -> None:
     if not (_is_int(stage.max_evaluations) and stage.max_evaluations >= 1):
         raise fail(f"max_evaluations must be an integer >= 1, got {stage.max_evaluations!r}")
     if stage.start != "1/N":
-        if isinstance(stage.start, (str, bool)) or not math.isfinite(stage.start):
+        if not _is_number(stage.start):
             raise fail(f"start must be a finite number or '1/N', got {stage.start!r}")
         if not stage.lower <= stage.start <= stage.upper:
             raise fail(f"start {stage.start} lies outside [{stage.lower}, {stage.upper}]")
@@ -161,7 +165,7 @@ class EarlyStopping:
     def __attrs_post_init__(self) -> None:
         if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
             raise ConfigError(f"early stopping patience must be an integer >= 1, got {self.patience!r}")
-        if not (math.isfinite(self.min_delta) and self.min_delta >= 0):
+        if not (_is_number(self.min_delta) and self.min_delta >= 0):
             raise ConfigError(f"early stopping min_delta must be >= 0, got {self.min_delta!r}")
 
 
@@ -181,9 +185,16 @@ class SearchConfig:
     seed: int = 0
 
     def __attrs_post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"a search config's name must be a non-empty string, got {self.name!r}")
+        for field, value in (("denoise", self.denoise), ("scale", self.scale)):
+            if value is not None and not isinstance(value, StageConfig):
+                raise ConfigError(f"{field} must be a StageConfig or None, got {type(value).__name__}")
+        if self.early_stopping is not None and not isinstance(self.early_stopping, EarlyStopping):
+            raise ConfigError(f"early_stopping must be an EarlyStopping or None, got {self.early_stopping!r}")
         if self.denoise is None and self.scale is None:
             raise ConfigError("a search needs at least one stage (denoise or scale)")
-        if not (math.isfinite(self.fixed_alpha) and 0 <= self.fixed_alpha <= 1):
+        if not (_is_number(self.fixed_alpha) and 0 <= self.fixed_alpha <= 1):
             raise ConfigError(f"fixed_alpha must be in [0, 1], got {self.fixed_alpha!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
@@ -333,5 +344,5 @@ def preset(name: str) -> SearchConfig:
     budget (the dropped stage's evaluations go to the kept one), so they compare at equal cost."""
     try:
         return PRESETS[name]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: an unhashable name
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None

@@ -30,7 +30,10 @@ FloatArray = NDArray[np.float64]
 
 
 def _frozen_vector(value: ArrayLike) -> FloatArray:
-    arr = np.array(value, dtype=np.float64, copy=True)
+    try:
+        arr = np.array(value, dtype=np.float64, copy=True)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"merge coefficients must be numbers: {exc}") from None
     if arr.ndim != 1:
         raise ConfigError(f"merge coefficients must be a vector, got shape {arr.shape}")
     arr.setflags(write=False)
