@@ -102,6 +102,17 @@ CONFIGS: dict[str, tuple[Callable[[], object], str]] = {
         lambda: ServiceObjective(MergeServiceClient("http://127.0.0.1:1"), None),  # type: ignore[arg-type]
         "validation session must be a ServiceSession",
     ),
+    "prices a list": (lambda: Scheduler(prices=[1, 2]), "prices must map model names"),  # type: ignore[arg-type]
+    "models a number": (lambda: Scheduler(models=5), "models must be a list"),  # type: ignore[arg-type]
+    "per-model limits as text": (lambda: Scheduler(limits_per_model="no"), "limits_per_model"),  # type: ignore[arg-type]
+    "call without a function": (
+        lambda: anyio.run(lambda: Scheduler().call(None, model="m", reserve=Usage(1, 1))),  # type: ignore[arg-type]
+        "fn must be an async function",
+    ),
+    "call without a model": (
+        lambda: anyio.run(lambda: Scheduler().call(lambda: None, model=5, reserve=Usage(1, 1))),  # type: ignore[arg-type]
+        "model must be a non-empty string",
+    ),
     "no stage": (lambda: SearchConfig(name="x", denoise=None, scale=None), "at least one stage"),
     "seed negative": (lambda: attrs.evolve(SEARCH, seed=-1), "seed"),
     "pool size 0": (lambda: EvoMerge(lambda c, x: [], 0, SEARCH), "n_models"),  # type: ignore[arg-type]

@@ -101,6 +101,8 @@ class PriceTable:
 
     def __init__(self, prices: Mapping[str, Price] | None = None, *, defaults: bool = True) -> None:
         table: dict[str, Price] = dict(DEFAULT_PRICES) if defaults else {}
+        if prices is not None and not isinstance(prices, Mapping):
+            raise ConfigError(f"prices must map model names to Price(...), got {type(prices).__name__}")
         for model, price in (prices or {}).items():
             if not isinstance(model, str) or not model:
                 raise ConfigError(f"price table keys must be model names, got {model!r}")

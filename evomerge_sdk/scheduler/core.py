@@ -142,12 +142,14 @@ class Scheduler:
             raise ConfigError(f"retry must be a RetryPolicy, got {retry!r}")
         self._limiter = RateLimiter(rpm, tpm)  # validates rpm/tpm
         self._limits = (self._limiter.rpm, self._limiter.tpm)
-        self._per_model = bool(limits_per_model)
+        if not isinstance(limits_per_model, bool):
+            raise ConfigError(f"limits_per_model must be True or False, got {limits_per_model!r}")
+        self._per_model = limits_per_model
         self._limiters: dict[str, RateLimiter] = {}
         self._table = prices if isinstance(prices, PriceTable) else PriceTable(prices)
         need_usd = budget is not None and budget.usd is not None
-        if models is not None and isinstance(models, str):
-            raise ConfigError("models must be a list of model names, not one string")
+        if models is not None and (isinstance(models, str) or not isinstance(models, Iterable)):
+            raise ConfigError(f"models must be a list of model names, got {models!r:.80}")
         declared = list(models) if models is not None else None
         if need_usd and not declared:
             raise ConfigError(
@@ -248,6 +250,8 @@ class Scheduler:
 
     def price(self, model: str) -> ModelPrice:
         """The price bound to `model` (ConfigError for a model this scheduler was not built for)."""
+        if not isinstance(model, str) or not model:
+            raise ConfigError(f"model must be a non-empty string, got {model!r}")
         p = self._prices.get(model)
         if p is None:
             if self._declared:
@@ -301,6 +305,8 @@ class Scheduler:
         `cache_key` (see `evomerge_sdk.scheduler.cache_key`) the result is cached and identical calls
         in flight share one request.
         """
+        if not callable(fn):
+            raise ConfigError(f"fn must be an async function returning an Outcome, got {fn!r:.80}")
         price = self.price(model)
         if not isinstance(reserve, Usage) or reserve.input_tokens < 0 or reserve.output_tokens < 0:
             raise ConfigError(f"reserve must be a Usage with non-negative token counts, got {reserve!r}")
