@@ -28,6 +28,7 @@ __all__ = [
     "Usage",
     "as_messages",
     "available_providers",
+    "check_text",
     "load_provider",
 ]
 

@@ -39,7 +39,7 @@ from .engine.operators import check_coefficients
 from .errors import BadResponse, BudgetExceeded, ConfigError
 from .http import HTTPClient, check_base_url, parse_openai_rate_limits
 from .logs import get_logger
-from .providers import RateLimitInfo, TokenLogprob, Usage
+from .providers import RateLimitInfo, TokenLogprob, Usage, check_text
 from .scheduler import Outcome, Scheduler, cache_key
 
 __all__ = [
@@ -135,6 +135,11 @@ class ServiceCompletion:
     usage: Usage
     cached: bool = False
     finish_reason: str | None = None
+
+
+def _check_session(session: object) -> None:
+    if not isinstance(session, ServiceSession):
+        raise ConfigError(f"session must be a ServiceSession (from create_session), got {session!r:.60}")
 
 
 def _check_tokens_per_evaluation(value: object) -> None:
@@ -406,6 +411,7 @@ class MergeServiceClient:
         cache: bool = True,
     ) -> Evaluation:
         """The merge's loss on the session's data (`examples`: a sorted subset of its indices)."""
+        _check_session(session)
         a, b = _vectors(alpha, beta, session.adapter_count)
         idx = _indices(examples, session.n_examples)
         if idx is not None and not session.minibatch:
@@ -452,6 +458,7 @@ class MergeServiceClient:
         self, session: ServiceSession, alpha: ArrayLike, beta: ArrayLike, *, tag: str | None = None
     ) -> Materialized:
         """`POST .../materialize`: have the service write the merged adapter; where it went."""
+        _check_session(session)
         a, b = _vectors(alpha, beta, session.adapter_count)
         body: dict[str, Any] = {"alpha": a, "beta": b}
         if tag is not None:
@@ -481,10 +488,18 @@ class MergeServiceClient:
         """A completion of `prompt` by the merged model (the `complete` extension)."""
         if "complete" not in await self.extensions():
             raise ConfigError("this service has no completions for merged models (no 'complete' extension)")
-        if not isinstance(prompt, str) or not prompt.strip():
+        _check_session(session)
+        if not check_text(prompt, "prompt").strip():
             raise ConfigError("prompt must be a non-empty string")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ConfigError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if temperature is not None and (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature)
+            or temperature < 0
+        ):
+            raise ConfigError(f"temperature must be a finite number >= 0 or None, got {temperature!r}")
         a, b = _vectors(alpha, beta, session.adapter_count)
         body: dict[str, Any] = {"alpha": a, "beta": b, "prompt": prompt, "max_tokens": max_tokens}
         if top_logprobs:

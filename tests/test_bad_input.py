@@ -113,6 +113,10 @@ CONFIGS: dict[str, tuple[Callable[[], object], str]] = {
         lambda: anyio.run(lambda: Scheduler().call(lambda: None, model=5, reserve=Usage(1, 1))),  # type: ignore[arg-type]
         "model must be a non-empty string",
     ),
+    "evaluate without a session": (
+        lambda: anyio.run(lambda: MergeServiceClient("http://127.0.0.1:1").evaluate("s1", [1.0], [1.0])),  # type: ignore[arg-type]
+        "session must be a ServiceSession",
+    ),
     "no stage": (lambda: SearchConfig(name="x", denoise=None, scale=None), "at least one stage"),
     "seed negative": (lambda: attrs.evolve(SEARCH, seed=-1), "seed"),
     "pool size 0": (lambda: EvoMerge(lambda c, x: [], 0, SEARCH), "n_models"),  # type: ignore[arg-type]
