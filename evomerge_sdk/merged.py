@@ -31,6 +31,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .engine.operators import merge_outputs
+from .engine.search import write_json_atomic
 from .errors import ConfigError
 from .objectives import (
     MEAN_REFERENCE,
@@ -55,19 +56,26 @@ _OUTPUT_DEMO_FORMAT = "evomerge-sdk/demo-output-result"
 
 
 def _floats(values: ArrayLike) -> tuple[float, ...]:
-    arr = np.asarray(values, dtype=np.float64)
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError("alpha and beta must be vectors of finite numbers") from None
     if arr.ndim != 1 or not np.all(np.isfinite(arr)):
         raise ConfigError("alpha and beta must be vectors of finite numbers")
     return tuple(float(v) for v in arr)
 
 
-def _names(values: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(values, str):
-        raise ConfigError("pool must be a sequence of model names, not one string")
-    return tuple(str(v) for v in values)
+def _strings(values: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        raise ConfigError(f"expected a list of names, got {values!r:.60}")
+    if not all(isinstance(v, str) and v for v in values):
+        raise ConfigError(f"every name must be a non-empty string, got {list(values)!r:.80}")
+    return tuple(values)
 
 
 def _mapping(value: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"source must be a mapping, got {value!r:.60}")
     return dict(value)
 
 
@@ -83,12 +91,12 @@ class MergedSpec:
     """
 
     mode: Literal["output", "provider"]
-    pool: tuple[str, ...] = attrs.field(converter=_names)
+    pool: tuple[str, ...] = attrs.field(converter=_strings)
     alpha: tuple[float, ...] = attrs.field(converter=_floats)
     beta: tuple[float, ...] = attrs.field(converter=_floats)
     source: Mapping[str, Any] = attrs.field(factory=dict, converter=_mapping)
     reference: str = MEAN_REFERENCE
-    answer_set: tuple[str, ...] = ()
+    answer_set: tuple[str, ...] = attrs.field(default=(), converter=_strings)
     scoring: ScoringConfig = attrs.field(factory=ScoringConfig)
     preset_id: str | None = None
     name: str = "evomerge-merged"
@@ -96,6 +104,12 @@ class MergedSpec:
     def __attrs_post_init__(self) -> None:
         if self.mode not in ("output", "provider"):
             raise ConfigError(f"mode must be 'output' or 'provider', got {self.mode!r}")
+        if not isinstance(self.scoring, ScoringConfig):
+            raise ConfigError(f"scoring must be a ScoringConfig, got {type(self.scoring).__name__}")
+        for field in ("reference", "name", "preset_id"):
+            value = getattr(self, field)
+            if not (isinstance(value, str) and value) and not (field == "preset_id" and value is None):
+                raise ConfigError(f"{field} must be a non-empty string, got {value!r:.60}")
         n = len(self.pool)
         if n == 0 or len(self.alpha) != n or len(self.beta) != n:
             raise ConfigError(
@@ -155,7 +169,7 @@ class MergedSpec:
                 beta=data["beta"],
                 source=data.get("source") or {},
                 reference=data.get("reference", MEAN_REFERENCE),
-                answer_set=tuple(data.get("answer_set") or ()),
+                answer_set=data.get("answer_set") or (),
                 scoring=ScoringConfig.from_dict(data.get("scoring") or {}),
                 preset_id=data.get("preset_id"),
                 name=data.get("name", "evomerge-merged"),
@@ -228,6 +242,10 @@ class MergedModel:
     ) -> None:
         if not isinstance(spec, MergedSpec):
             raise ConfigError(f"spec must be a MergedSpec, got {type(spec).__name__}")
+        if not (provider is None or isinstance(provider, Mapping) or hasattr(provider, "complete")):
+            raise ConfigError(f"provider must be a Provider or a mapping of them, got {provider!r:.60}")
+        if scheduler is not None and not isinstance(scheduler, Scheduler):
+            raise ConfigError(f"scheduler must be a Scheduler, got {type(scheduler).__name__}")
         if spec.mode == "output" and provider is None:
             raise ConfigError("an output-space merged model needs the provider that reaches its models")
         if spec.mode == "provider" and client is None:
@@ -352,10 +370,14 @@ class MergedModel:
 
 
 def save_spec(spec: MergedSpec, path: str | Path) -> Path:
-    """Write `spec` as strict JSON to `path`."""
+    """Write `spec` as strict JSON to `path` (atomically: a reader sees the old file or the new one)."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(spec.to_dict(), allow_nan=False, indent=2), encoding="utf-8")
+    if p.is_dir():
+        raise ConfigError(f"{p} is a directory; give a file name")
+    try:
+        write_json_atomic(p, spec.to_dict())
+    except OSError as exc:
+        raise ConfigError(f"cannot write {p}: {exc.strerror or exc}") from None
     return p
 
 
@@ -370,6 +392,8 @@ async def open_merged(
     """A ready `MergedModel` for `spec`: the models are reached at `base_url` (an OpenAI-compatible
     `/v1` URL in output mode, a merge service in provider mode) or, when the spec came from the
     embedded repository and no URL is given, on an embedded service started here for the block."""
+    if not isinstance(spec, MergedSpec):
+        raise ConfigError(f"spec must be a MergedSpec (see load_spec), got {type(spec).__name__}")
     async with AsyncExitStack() as stack:
         url = base_url
         if url is None:

@@ -71,8 +71,8 @@ def _normalise(text: str) -> str:
 
 
 def _str_tuple(values: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(values, str):
-        raise ConfigError("options must be a sequence of strings, not one string")
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        raise ConfigError(f"options must be a sequence of strings, got {values!r:.60}")
     return tuple(values)
 
 
@@ -96,6 +96,8 @@ class AnswerSet:
 
     def index(self, answer: str) -> int:
         """The option index of a gold answer (ConfigError if it is not an option)."""
+        if not isinstance(answer, str):
+            raise ConfigError(f"a gold answer must be a string, got {answer!r:.60}")
         key = _normalise(answer)
         for i, option in enumerate(self.options):
             if _normalise(option) == key:
@@ -164,8 +166,11 @@ class LabelledExamples:
         options: AnswerSet | Sequence[str],
     ) -> LabelledExamples:
         """Build from text prompts (or chats) and gold answers."""
-        if isinstance(prompts, str) or isinstance(answers, str):
-            raise ConfigError("prompts and answers must be sequences, not one string")
+        for name, value in (("prompts", prompts), ("answers", answers)):
+            if isinstance(value, str) or not isinstance(value, Sequence):
+                raise ConfigError(f"{name} must be a sequence, got {value!r:.60}")
+        if not all(isinstance(p, (str, Sequence)) for p in prompts):
+            raise ConfigError("every prompt must be a string or a chat (a list of messages)")
         answer_set = options if isinstance(options, AnswerSet) else AnswerSet(options)
         return cls(tuple(as_messages(p) for p in prompts), tuple(answers), answer_set)
 
@@ -178,6 +183,10 @@ class LabelledExamples:
         return LabelledExamples(
             tuple(self.prompts[i] for i in sel), tuple(self.answers[i] for i in sel), self.answer_set
         )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _positive(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -212,9 +221,14 @@ class ScoringConfig:
             raise ConfigError(f"method must be 'auto', 'logprobs' or 'votes', got {self.method!r}")
         if self.top_logprobs > 20:
             raise ConfigError(f"top_logprobs must be at most 20, got {self.top_logprobs}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
+        if not (_is_number(self.temperature) and self.temperature > 0):
             raise ConfigError(f"temperature (for voting) must be > 0, got {self.temperature!r}")
-        if not (math.isfinite(self.smoothing) and self.smoothing > 0):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        for name in ("seed_field", "system"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string or None, got {getattr(self, name)!r}")
+        if not (_is_number(self.smoothing) and self.smoothing > 0):
             raise ConfigError(f"smoothing must be > 0 (zero votes would score -inf), got {self.smoothing!r}")
 
     def method_for(self, provider: Provider) -> Literal["logprobs", "votes"]:
@@ -230,7 +244,10 @@ class ScoringConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScoringConfig:
         """The inverse of `to_dict`."""
-        return cls(**dict(data))
+        try:
+            return cls(**dict(data))
+        except TypeError as exc:  # an unknown field
+            raise ConfigError(f"scoring config: {exc}") from None
 
 
 def scoring_request(

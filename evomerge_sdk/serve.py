@@ -81,6 +81,10 @@ class MergedModelServer(AppServer):
         max_body_bytes: int = 1 << 20,
         model_name: str | None = None,
     ) -> None:
+        if not isinstance(model, MergedModel):
+            raise ConfigError(f"model must be a MergedModel, got {type(model).__name__}")
+        if model_name is not None and (not isinstance(model_name, str) or not model_name):
+            raise ConfigError(f"model_name must be a non-empty string or None, got {model_name!r}")
         if api_key is not None and (not isinstance(api_key, str) or not api_key):
             raise ConfigError("api_key must be a non-empty string or None")
         if not is_loopback(host) and api_key is None:

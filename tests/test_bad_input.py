@@ -31,7 +31,8 @@ from evomerge_sdk.local.faults import FaultConfig, ServerLimits
 from evomerge_sdk.local.repository import Repository
 from evomerge_sdk.local.server import LocalService
 from evomerge_sdk.local.sessions import preset_id
-from evomerge_sdk.merged import MERGED_FORMAT, MergedSpec
+from evomerge_sdk.merged import MERGED_FORMAT, MergedModel, MergedSpec
+from evomerge_sdk.objectives import AnswerSet, LabelledExamples, ScoringConfig
 from evomerge_sdk.providers import ChatRequest, Usage
 from evomerge_sdk.scheduler import Budget, ResponseCache, RetryPolicy, Scheduler
 from evomerge_sdk.service import MergeServiceClient, ServiceObjective
@@ -116,6 +117,36 @@ CONFIGS: dict[str, tuple[Callable[[], object], str]] = {
     "evaluate without a session": (
         lambda: anyio.run(lambda: MergeServiceClient("http://127.0.0.1:1").evaluate("s1", [1.0], [1.0])),  # type: ignore[arg-type]
         "session must be a ServiceSession",
+    ),
+    "answer set of nothing": (lambda: AnswerSet(None), "options must be a sequence"),  # type: ignore[arg-type]
+    "gold answer a number": (
+        lambda: LabelledExamples.of(["p"], [5], ["a", "b"]),
+        "gold answer must be a string",
+    ),  # type: ignore[list-item]
+    "scoring with a stray key": (
+        lambda: ScoringConfig.from_dict({"bogus": 1}),
+        "unexpected keyword argument",
+    ),
+    "scoring seed text": (lambda: ScoringConfig(seed="x"), "seed must be an integer"),  # type: ignore[arg-type]
+    "merged answer set one string": (
+        lambda: MergedSpec.from_dict(
+            {
+                "format": MERGED_FORMAT,
+                "version": 1,
+                "mode": "output",
+                "pool": ["a"],
+                "alpha": [1],
+                "beta": [1],
+                "answer_set": "xy",
+            }
+        ),
+        "expected a list of names",
+    ),
+    "merged model with a text provider": (
+        lambda: MergedModel(
+            MergedSpec("output", ["a"], [1.0], [1.0], answer_set=("x", "y")), provider="openai"
+        ),  # type: ignore[arg-type]
+        "provider must be a Provider",
     ),
     "no stage": (lambda: SearchConfig(name="x", denoise=None, scale=None), "at least one stage"),
     "seed negative": (lambda: attrs.evolve(SEARCH, seed=-1), "seed"),
