@@ -148,6 +148,12 @@ CONFIGS: dict[str, tuple[Callable[[], object], str]] = {
         ),  # type: ignore[arg-type]
         "provider must be a Provider",
     ),
+    "service pool sizes a number": (
+        lambda: LocalService(pool_sizes=5),
+        "pool_sizes must be a non-empty list",
+    ),  # type: ignore[arg-type]
+    "service pool seed negative": (lambda: LocalService(pool_seed=-1), "pool_seed"),
+    "service faults as text": (lambda: LocalService(faults="drop"), "faults must be a FaultConfig"),  # type: ignore[arg-type]
     "no stage": (lambda: SearchConfig(name="x", denoise=None, scale=None), "at least one stage"),
     "seed negative": (lambda: attrs.evolve(SEARCH, seed=-1), "seed"),
     "pool size 0": (lambda: EvoMerge(lambda c, x: [], 0, SEARCH), "n_models"),  # type: ignore[arg-type]

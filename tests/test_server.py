@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from evomerge_sdk.errors import ConfigError
 from evomerge_sdk.http import Refusal
 from evomerge_sdk.local.faults import ServerLimits
 from evomerge_sdk.local.repository import Repository
@@ -463,14 +464,15 @@ async def test_concurrent_requests_get_the_same_answers_as_sequential_ones(
 
 @pytest.mark.anyio
 async def test_presets_skip_pool_sizes_the_repository_cannot_fill(repo: Repository) -> None:
-    async with LocalService(repo) as svc:  # sizes 5, 20, 100 on a 16-adapter repository
+    async with LocalService(repo) as svc:  # sizes 5, 20, 100 on the small repository
         assert svc.catalog is not None
         assert sorted(svc.catalog.presets) == sorted([preset_id(t.name, 5) for t in repo.targets()] + ["hub"])
+    with pytest.raises(ConfigError, match=r"pool sizes \[50\] do not fit a repository of \d+ adapters"):
+        async with LocalService(repo, pool_sizes=(50,)):
+            pass
 
 
 def test_non_loopback_needs_a_key(repo: Repository) -> None:
-    from evomerge_sdk.errors import ConfigError
-
     with pytest.raises(ConfigError, match="needs an api_key"):
         LocalService(repo, host="0.0.0.0")
     with pytest.raises(ConfigError, match="max_sessions"):

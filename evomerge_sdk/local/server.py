@@ -37,6 +37,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import secrets
 import tempfile
 import time
@@ -142,10 +143,19 @@ class LocalService(AppServer):
             raise ConfigError("api_key must be a non-empty string or None")
         if not is_loopback(host) and api_key is None:
             raise ConfigError(f"listening on {host!r} (not loopback) needs an api_key")
-        if isinstance(pool_sizes, (str, bytes)) or not pool_sizes:
-            raise ConfigError("pool_sizes must be a non-empty list of positive integers")
+        if isinstance(pool_sizes, (str, bytes)) or not isinstance(pool_sizes, Sequence) or not pool_sizes:
+            raise ConfigError(
+                f"pool_sizes must be a non-empty list of positive integers, got {pool_sizes!r:.60}"
+            )
         for size in pool_sizes:
             check_number("pool_sizes entries", size, integer=True)
+        check_number("pool_seed", pool_seed, integer=True, strict=False)
+        if limits is not None and not isinstance(limits, ServerLimits):
+            raise ConfigError(f"limits must be a ServerLimits or None, got {limits!r:.60}")
+        if faults is not None and not isinstance(faults, FaultConfig):
+            raise ConfigError(f"faults must be a FaultConfig or None, got {faults!r:.60}")
+        if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
+            raise ConfigError(f"output_dir must be a path, got {output_dir!r:.60}")
         for name, value in (
             ("max_sessions", max_sessions),
             ("max_body_bytes", max_body_bytes),

@@ -31,6 +31,7 @@ import attrs
 import numpy as np
 from numpy.typing import NDArray
 
+from ..errors import ConfigError
 from ..http import Refusal
 from .merge import PoolMerger
 from .model import ModelWeights
@@ -284,8 +285,13 @@ class Catalog:
         self.revision = repository.config.key()[:16]
         presets: dict[str, Preset] = {}
         limit = len(repository.adapter_names) - 1  # an out-of-domain target's specialist stays out
+        sizes = sorted(set(pool_sizes))
+        if all(size > limit for size in sizes):
+            raise ConfigError(
+                f"pool sizes {sizes} do not fit a repository of {limit + 1} adapters (at most {limit})"
+            )
         for target in repository.targets():
-            for size in sorted(set(pool_sizes)):
+            for size in sizes:
                 if size > limit:
                     continue  # a pool this size does not exist here (the hub preset holds everything)
                 names = repository.pool(target, size, pool_seed)
