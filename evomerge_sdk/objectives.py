@@ -391,10 +391,14 @@ def provider_for(providers: Providers, model: str) -> Provider:
     """The provider that serves `model`."""
     if isinstance(providers, Mapping):
         try:
-            return providers[model]
+            found = providers[model]
         except KeyError:
             raise ConfigError(f"no provider given for model {model!r}") from None
-    return providers
+    else:
+        found = providers
+    if not callable(getattr(found, "complete", None)):
+        raise ConfigError(f"the provider for {model!r} is not a Provider (no complete method): {found!r:.60}")
+    return found
 
 
 async def collect_scores(
@@ -409,9 +413,19 @@ async def collect_scores(
     `provider` may map model names to providers: each model is scored the way its provider allows
     (log-probabilities, or votes for a provider without them), so one pool can span several APIs.
     """
-    config = config or ScoringConfig()
-    if isinstance(models, str) or not models:
+    config = ScoringConfig() if config is None else config
+    if not isinstance(scheduler, Scheduler):
+        raise ConfigError(f"scheduler must be a Scheduler, got {type(scheduler).__name__}")
+    if not isinstance(config, ScoringConfig):
+        raise ConfigError(f"config must be a ScoringConfig or None, got {type(config).__name__}")
+    if not isinstance(examples, LabelledExamples):
+        raise ConfigError(
+            f"examples must be LabelledExamples (see LabelledExamples.of), got {type(examples).__name__}"
+        )
+    if isinstance(models, str) or not isinstance(models, Sequence) or not models:
         raise ConfigError("models must be a non-empty sequence of model names")
+    if not all(isinstance(m, str) and m for m in models):
+        raise ConfigError(f"every model name must be a non-empty string, got {list(models)!r:.80}")
     if len(set(models)) != len(models):
         raise ConfigError("models must not name a model twice")
     chosen = [provider_for(provider, m) for m in models]

@@ -349,6 +349,8 @@ class MergeServiceClient:
         if model_name_or_path is not None:
             body["model_name_or_path"] = model_name_or_path
         if query_plus is not None:
+            if not isinstance(query_plus, Mapping):
+                raise ConfigError(f"query_plus must be a mapping (a JSON object), got {query_plus!r:.60}")
             body["query_plus"] = dict(query_plus)
         try:
             canonical_query = _canonical(body.get("query_plus"))

@@ -24,7 +24,16 @@ from evomerge_openai import OpenAIProvider
 from evomerge_sdk.cli import main as cli_main
 from evomerge_sdk.demo import DemoConfig, load_result
 from evomerge_sdk.demo_output import OutputDemoConfig
-from evomerge_sdk.engine import Candidate, EvoMerge, StageConfig, fit_to_queries, preset, random_search
+from evomerge_sdk.engine import (
+    Candidate,
+    EvaluationContext,
+    EvoMerge,
+    Split,
+    StageConfig,
+    fit_to_queries,
+    preset,
+    random_search,
+)
 from evomerge_sdk.engine.config import SearchConfig
 from evomerge_sdk.errors import BadResponse, ConfigError, EvomergeError, InvalidRequest
 from evomerge_sdk.local.faults import FaultConfig, ServerLimits
@@ -32,7 +41,7 @@ from evomerge_sdk.local.repository import Repository
 from evomerge_sdk.local.server import LocalService
 from evomerge_sdk.local.sessions import preset_id
 from evomerge_sdk.merged import MERGED_FORMAT, MergedModel, MergedSpec
-from evomerge_sdk.objectives import AnswerSet, LabelledExamples, ScoringConfig
+from evomerge_sdk.objectives import AnswerSet, LabelledExamples, ScoringConfig, collect_scores
 from evomerge_sdk.providers import ChatRequest, Usage
 from evomerge_sdk.scheduler import Budget, ResponseCache, RetryPolicy, Scheduler
 from evomerge_sdk.service import MergeServiceClient, ServiceObjective
@@ -154,6 +163,21 @@ CONFIGS: dict[str, tuple[Callable[[], object], str]] = {
     ),  # type: ignore[arg-type]
     "service pool seed negative": (lambda: LocalService(pool_seed=-1), "pool_seed"),
     "service faults as text": (lambda: LocalService(faults="drop"), "faults must be a FaultConfig"),  # type: ignore[arg-type]
+    "minibatch of 0": (lambda: EvaluationContext(Split.VALIDATION, "s", 0, 0, batch_size=0), "batch_size"),
+    "scores without a scheduler": (
+        lambda: anyio.run(
+            lambda: collect_scores(None, {}, ["m"], LabelledExamples.of(["p"], ["a"], ["a", "b"]))
+        ),  # type: ignore[arg-type]
+        "scheduler must be a Scheduler",
+    ),
+    "scores from a text provider": (
+        lambda: anyio.run(
+            lambda: collect_scores(
+                Scheduler(), "openai", ["m"], LabelledExamples.of(["p"], ["a"], ["a", "b"])
+            )  # type: ignore[arg-type]
+        ),
+        "not a Provider",
+    ),
     "no stage": (lambda: SearchConfig(name="x", denoise=None, scale=None), "at least one stage"),
     "seed negative": (lambda: attrs.evolve(SEARCH, seed=-1), "seed"),
     "pool size 0": (lambda: EvoMerge(lambda c, x: [], 0, SEARCH), "n_models"),  # type: ignore[arg-type]

@@ -110,6 +110,11 @@ class EvaluationContext:
     seed: int
     batch_size: int | None = None
 
+    def __attrs_post_init__(self) -> None:
+        size = self.batch_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ConfigError(f"batch_size must be None (the whole split) or an integer >= 1, got {size!r}")
+
     def minibatch(self, n_examples: int) -> NDArray[np.intp] | None:
         """Sorted indices of the examples to score out of `n_examples`, or None for all of them."""
         if self.batch_size is None or self.batch_size >= n_examples:
