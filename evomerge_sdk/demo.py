@@ -127,7 +127,7 @@ class DemoConfig:
     plot: bool = True
 
     def __attrs_post_init__(self) -> None:
-        if self.preset not in PRESETS:
+        if not isinstance(self.preset, str) or self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
 
     @property

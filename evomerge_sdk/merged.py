@@ -18,6 +18,7 @@ back from that file or from a `result.json` written by `evomerge demo` (either m
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -180,6 +181,8 @@ class MergedSpec:
 
 def load_spec(path: str | Path) -> MergedSpec:
     """The merged model in a saved `MergedSpec` file or in a `result.json` of `evomerge demo`."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"load_spec needs a file path, got {path!r:.60}")
     p = Path(path)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))

@@ -33,6 +33,7 @@ from evomerge_sdk.engine import (
     fit_to_queries,
     preset,
     random_search,
+    task_arithmetic,
 )
 from evomerge_sdk.engine.config import SearchConfig
 from evomerge_sdk.errors import BadResponse, ConfigError, EvomergeError, InvalidRequest
@@ -40,7 +41,7 @@ from evomerge_sdk.local.faults import FaultConfig, ServerLimits
 from evomerge_sdk.local.repository import Repository
 from evomerge_sdk.local.server import LocalService
 from evomerge_sdk.local.sessions import preset_id
-from evomerge_sdk.merged import MERGED_FORMAT, MergedModel, MergedSpec
+from evomerge_sdk.merged import MERGED_FORMAT, MergedModel, MergedSpec, load_spec
 from evomerge_sdk.objectives import AnswerSet, LabelledExamples, ScoringConfig, collect_scores
 from evomerge_sdk.providers import ChatRequest, Usage
 from evomerge_sdk.scheduler import Budget, ResponseCache, RetryPolicy, Scheduler
@@ -178,6 +179,29 @@ CONFIGS: dict[str, tuple[Callable[[], object], str]] = {
         ),
         "not a Provider",
     ),
+    "objective not async": (
+        lambda: anyio.run(EvoMerge(lambda c, x: [0.0] * len(c), 5, SEARCH).run),  # type: ignore[arg-type, return-value]
+        "the objective must be async",
+    ),
+    "checkpoint a number": (
+        lambda: EvoMerge(lambda c, x: [], 5, SEARCH, checkpoint=5),
+        "checkpoint must be a file path",
+    ),  # type: ignore[arg-type]
+    "task arithmetic words": (
+        lambda: anyio.run(lambda: task_arithmetic(lambda c, x: [], 5, lambdas=["x"])),  # type: ignore[arg-type, list-item]
+        "lambdas must be a list of numbers",
+    ),
+    "random search half a box": (
+        lambda: anyio.run(lambda: random_search(lambda c, x: [], 5, alpha_bounds=(0,))),  # type: ignore[arg-type]
+        "alpha_bounds must be a",
+    ),
+    "random search alpha past 1": (
+        lambda: anyio.run(lambda: random_search(lambda c, x: [], 5, alpha_bounds=(0, 5))),  # type: ignore[arg-type]
+        "within \\[0, 1\\]",
+    ),
+    "spec from nothing": (lambda: load_spec(None), "needs a file path"),  # type: ignore[arg-type]
+    "service host a number": (lambda: LocalService(host=5), "host must be"),  # type: ignore[arg-type]
+    "demo preset a list": (lambda: DemoConfig(preset=["default"]), "unknown preset"),  # type: ignore[arg-type]
     "no stage": (lambda: SearchConfig(name="x", denoise=None, scale=None), "at least one stage"),
     "seed negative": (lambda: attrs.evolve(SEARCH, seed=-1), "seed"),
     "pool size 0": (lambda: EvoMerge(lambda c, x: [], 0, SEARCH), "n_models"),  # type: ignore[arg-type]

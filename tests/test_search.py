@@ -191,10 +191,13 @@ async def test_foreign_or_corrupt_checkpoints_are_refused(pool: SyntheticPool, t
     path.write_text(json.dumps({"hello": "world"}))
     with pytest.raises(ConfigError, match="not an evomerge-sdk search checkpoint"):
         await EvoMerge(pool, N, SMALL, checkpoint=path).run()
-    for damage in ("drop es.ps", "stage 7"):
+    for damage in ("drop es.ps", "stage 7", "fixed of 2"):
         doc = json.loads(text)
         if damage == "stage 7":
             doc["state"]["stage_index"] = 7
+        elif damage == "fixed of 2":
+            assert doc["state"]["fixed"] is not None
+            doc["state"]["fixed"] = [0.5, 0.5]
         else:
             del doc["state"]["es"]["ps"]
         path.write_text(json.dumps(doc))

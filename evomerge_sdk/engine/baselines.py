@@ -39,6 +39,10 @@ __all__ = [
 ]
 
 
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_n(n_models: int) -> None:
     if isinstance(n_models, bool) or not isinstance(n_models, int) or n_models < 1:
         raise ConfigError(f"n_models must be a positive integer, got {n_models!r}")
@@ -105,7 +109,10 @@ async def task_arithmetic(
 ) -> SearchResult:
     """Task Arithmetic: alpha = 1, beta = lambda for all models, best lambda of the grid on validation."""
     _check_n(n_models)
-    grid = task_arithmetic_grid(n_models) if lambdas is None else [float(v) for v in lambdas]
+    try:
+        grid = task_arithmetic_grid(n_models) if lambdas is None else [float(v) for v in lambdas]
+    except (TypeError, ValueError):
+        raise ConfigError(f"lambdas must be a list of numbers, got {lambdas!r:.60}") from None
     if not grid or not all(math.isfinite(v) for v in grid):
         raise ConfigError("the lambda grid must be a non-empty list of finite numbers")
     return await _pick_best(
@@ -152,9 +159,12 @@ async def random_search(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    for lo, hi in (alpha_bounds, beta_bounds):
-        if not lo < hi:
-            raise ConfigError(f"bounds need lower < upper, got [{lo}, {hi}]")
+    for name, bounds, box in (("alpha_bounds", alpha_bounds, (0.0, 1.0)), ("beta_bounds", beta_bounds, None)):
+        if not (isinstance(bounds, tuple) and len(bounds) == 2 and all(map(_finite, bounds))):
+            raise ConfigError(f"{name} must be a (lower, upper) pair of finite numbers, got {bounds!r:.60}")
+        lo, hi = bounds
+        if not lo < hi or (box is not None and not box[0] <= lo < hi <= box[1]):
+            raise ConfigError(f"{name} need lower < upper{' within [0, 1]' if box else ''}, got [{lo}, {hi}]")
     rng = np.random.Generator(np.random.PCG64(seed))
     best: tuple[float, Candidate] | None = None
     history: list[HistoryPoint] = []

@@ -271,7 +271,10 @@ async def evaluate_losses(
     objective: Objective, candidates: Sequence[Candidate], context: EvaluationContext
 ) -> FloatArray:
     """Call the objective and check its answer: one real number per candidate (NaN/inf allowed)."""
-    raw = await objective(candidates, context)
+    pending = objective(candidates, context)
+    if not inspect.isawaitable(pending):
+        raise ConfigError("the objective must be async: `async def objective(candidates, context)`")
+    raw = await pending
     try:
         losses = np.array([float(v) for v in raw], dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -423,6 +426,8 @@ class EvoMerge:
         self.objective = objective
         self.n = n_models
         self.config = config
+        if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+            raise ConfigError(f"checkpoint must be a file path or None, got {checkpoint!r:.60}")
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.on_progress = on_progress
 
@@ -456,8 +461,14 @@ class EvoMerge:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"checkpoint {path}: cannot create its folder: {exc.strerror or exc}") from None
-        if not os.access(path.parent, os.W_OK):
-            raise ConfigError(f"checkpoint {path}: its folder is not writable")
+        try:  # a real write: permission bits do not tell (root, read-only or virtual file systems)
+            fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigError(
+                f"checkpoint {path}: cannot write in its folder: {exc.strerror or exc}"
+            ) from None
         if not path.exists():
             return None
         try:
@@ -479,6 +490,8 @@ class EvoMerge:
             result = SearchResult.from_dict(doc["result"]) if doc.get("finished") else None
             if not 0 <= state.stage_index <= len(self.config.stages()):
                 raise ValueError(f"stage {state.stage_index} of a {len(self.config.stages())}-stage search")
+            if state.fixed is not None and state.fixed.shape != (self.n,):
+                raise ValueError(f"its fixed vector has {state.fixed.size} entries for {self.n} models")
         except (ConfigError, KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"checkpoint {path} is damaged: {exc}") from exc
         return state, result

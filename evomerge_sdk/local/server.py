@@ -141,6 +141,8 @@ class LocalService(AppServer):
             raise ConfigError(f"repository must be a Repository, got {type(repository).__name__}")
         if api_key is not None and (not isinstance(api_key, str) or not api_key):
             raise ConfigError("api_key must be a non-empty string or None")
+        if not isinstance(host, str) or not host:
+            raise ConfigError(f"host must be a host name or address, got {host!r:.60}")
         if not is_loopback(host) and api_key is None:
             raise ConfigError(f"listening on {host!r} (not loopback) needs an api_key")
         if isinstance(pool_sizes, (str, bytes)) or not isinstance(pool_sizes, Sequence) or not pool_sizes:
