@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -95,9 +96,16 @@ def folder(_: object, attribute: attrs.Attribute[Any], value: Path | None) -> No
         raise ConfigError(f"{attribute.name} {str(value)!r} is a file, not a folder")
 
 
+def as_path(value: str | Path) -> Path:
+    """A Path from a str or path-like; ConfigError for anything else."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"expected a folder or file path, got {value!r:.60}")
+    return Path(value)
+
+
 def optional_path(value: str | Path | None) -> Path | None:
     """None stays None; anything else becomes a Path."""
-    return None if value is None else Path(value)
+    return None if value is None else as_path(value)
 
 
 @attrs.frozen
@@ -118,7 +126,7 @@ class DemoConfig:
     target: str | None = None
     budget_tokens: int | None = attrs.field(default=None, validator=optional_positive_int)
     quick: bool = False
-    out_dir: Path = attrs.field(default=Path("evomerge-out"), converter=Path, validator=folder)
+    out_dir: Path = attrs.field(default=Path("evomerge-out"), converter=as_path, validator=folder)
     repository_seed: int = attrs.field(default=0, validator=non_negative_int)
     preset: str = "default"
     search_evaluations: int | None = attrs.field(default=None, validator=optional_positive_int)

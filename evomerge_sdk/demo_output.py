@@ -35,6 +35,7 @@ from .demo import (
     DemoRow,
     Reporter,
     SilentReporter,
+    as_path,
     describe_search,
     folder,
     non_negative_int,
@@ -96,7 +97,7 @@ class OutputDemoConfig:
     pool_size: int = attrs.field(default=20, validator=positive_int)
     target: str | None = None
     quick: bool = False
-    out_dir: Path = attrs.field(default=Path("evomerge-out"), converter=Path, validator=folder)
+    out_dir: Path = attrs.field(default=Path("evomerge-out"), converter=as_path, validator=folder)
     repository_seed: int = attrs.field(default=0, validator=non_negative_int)
     preset: str = "default"
     reference: str = "base"

@@ -62,6 +62,18 @@ class HTTPAnswer:
     text: str
 
 
+def check_headers(headers: Mapping[str, str] | None, what: str = "headers") -> dict[str, str]:
+    """`headers` as a dict of printable strings (the values aiohttp can send); ConfigError otherwise."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise ConfigError(f"{what} must be a mapping of names to values, got {type(headers).__name__}")
+    for name, value in headers.items():
+        if not all(isinstance(s, str) and s.isprintable() for s in (name, value)):
+            raise ConfigError(f"{what}: {name!r} must name a string value without control characters")
+    return dict(headers)
+
+
 def check_base_url(url: str, what: str) -> str:
     """`url` without a trailing slash; a `ConfigError` unless it is an absolute http(s) URL."""
     if not isinstance(url, str):

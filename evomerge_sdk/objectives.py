@@ -572,6 +572,10 @@ class OutputSpaceObjective:
     """
 
     def __init__(self, validation: OutputScores, held_out: OutputScores | None = None) -> None:
+        if not isinstance(validation, OutputScores):
+            raise ConfigError(
+                f"validation must be OutputScores (see collect_scores), got {type(validation).__name__}"
+            )
         for s in (validation, held_out):
             if s is not None and not isinstance(s, OutputScores):
                 raise ConfigError(f"expected OutputScores, got {type(s).__name__}")

@@ -233,6 +233,9 @@ def load_provider(name: str, **kwargs: Any) -> Provider:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
             factory: Callable[..., Provider] = ep.load()
-            return factory(**kwargs)
+            try:
+                return factory(**kwargs)
+            except TypeError as exc:  # an argument this provider does not take
+                raise ConfigError(f"provider {name!r}: {exc}") from None
     known = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
     raise ConfigError(f"no provider named {name!r} is installed (installed: {known or 'none'})")

@@ -30,6 +30,7 @@ from evomerge_sdk.engine import (
     EvoMerge,
     Split,
     StageConfig,
+    ablations,
     fit_to_queries,
     preset,
     random_search,
@@ -42,8 +43,14 @@ from evomerge_sdk.local.repository import Repository
 from evomerge_sdk.local.server import LocalService
 from evomerge_sdk.local.sessions import preset_id
 from evomerge_sdk.merged import MERGED_FORMAT, MergedModel, MergedSpec, load_spec
-from evomerge_sdk.objectives import AnswerSet, LabelledExamples, ScoringConfig, collect_scores
-from evomerge_sdk.providers import ChatRequest, Usage
+from evomerge_sdk.objectives import (
+    AnswerSet,
+    LabelledExamples,
+    OutputSpaceObjective,
+    ScoringConfig,
+    collect_scores,
+)
+from evomerge_sdk.providers import ChatRequest, Usage, load_provider
 from evomerge_sdk.scheduler import Budget, ResponseCache, RetryPolicy, Scheduler
 from evomerge_sdk.service import MergeServiceClient, ServiceObjective
 
@@ -202,6 +209,30 @@ CONFIGS: dict[str, tuple[Callable[[], object], str]] = {
     "spec from nothing": (lambda: load_spec(None), "needs a file path"),  # type: ignore[arg-type]
     "service host a number": (lambda: LocalService(host=5), "host must be"),  # type: ignore[arg-type]
     "demo preset a list": (lambda: DemoConfig(preset=["default"]), "unknown preset"),  # type: ignore[arg-type]
+    "headers a number": (
+        lambda: OpenAIProvider(base_url="http://127.0.0.1:1/v1", headers=5),
+        "headers must be a mapping",
+    ),  # type: ignore[arg-type]
+    "header value a number": (
+        lambda: AnthropicProvider(base_url="http://127.0.0.1:1", api_key="k", headers={"X-Team": 5}),  # type: ignore[dict-item]
+        "must name a string value",
+    ),
+    "provider argument unknown": (lambda: load_provider("openai", bogus=1), "provider 'openai'.*bogus"),
+    "complete without a provider": (
+        lambda: anyio.run(lambda: Scheduler().complete(None, ChatRequest(model="m", messages="x"))),  # type: ignore[arg-type]
+        "provider must be a Provider",
+    ),
+    "reserve of text": (
+        lambda: anyio.run(lambda: Scheduler().call(lambda: None, model="m", reserve=Usage("1", 0))),  # type: ignore[arg-type]
+        "reserve must be a Usage",
+    ),
+    "ablations of a name": (lambda: ablations("default"), "need a SearchConfig"),  # type: ignore[arg-type]
+    "service repository config text": (
+        lambda: LocalService(repository_config="small"),
+        "repository_config must be",
+    ),  # type: ignore[arg-type]
+    "demo output a number": (lambda: DemoConfig(out_dir=5), "expected a folder or file path"),  # type: ignore[arg-type]
+    "output objective of nothing": (lambda: OutputSpaceObjective(None), "validation must be OutputScores"),  # type: ignore[arg-type]
     "no stage": (lambda: SearchConfig(name="x", denoise=None, scale=None), "at least one stage"),
     "seed negative": (lambda: attrs.evolve(SEARCH, seed=-1), "seed"),
     "pool size 0": (lambda: EvoMerge(lambda c, x: [], 0, SEARCH), "n_models"),  # type: ignore[arg-type]

@@ -37,6 +37,8 @@ def _stage_queries(stage: StageConfig, n: int, examples: int, held_out: int, ear
 
 def planned_queries(config: SearchConfig, n: int, examples: int, held_out: int = 0) -> int:
     """The most queries `config` spends on `n` models, `examples` validation and `held_out` held-out ones."""
+    if not isinstance(config, SearchConfig):
+        raise ConfigError(f"config must be a SearchConfig (see preset), got {config!r:.60}")
     for name, value in (("n", n), ("examples", examples), ("held_out", held_out)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")

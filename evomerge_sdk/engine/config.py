@@ -314,6 +314,8 @@ def ablations(base: SearchConfig, *, keep_budget: bool = False) -> dict[str, Sea
     With `keep_budget`, the stage that is kept also gets the dropped stage's evaluations, so an ablation
     spends what the full method spends (for comparisons at equal cost); otherwise it drops them too.
     """
+    if not isinstance(base, SearchConfig):
+        raise ConfigError(f"ablations need a SearchConfig (see preset), got {base!r:.60}")
     if base.denoise is None or base.scale is None:
         raise ConfigError("ablations need a base config with both stages")
     total = base.denoise.max_evaluations + base.scale.max_evaluations

@@ -139,6 +139,8 @@ class LocalService(AppServer):
     ) -> None:
         if repository is not None and not isinstance(repository, Repository):
             raise ConfigError(f"repository must be a Repository, got {type(repository).__name__}")
+        if repository_config is not None and not isinstance(repository_config, RepositoryConfig):
+            raise ConfigError(f"repository_config must be a RepositoryConfig, got {repository_config!r:.60}")
         if api_key is not None and (not isinstance(api_key, str) or not api_key):
             raise ConfigError("api_key must be a non-empty string or None")
         if not isinstance(host, str) or not host:

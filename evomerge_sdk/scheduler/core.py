@@ -270,6 +270,10 @@ class Scheduler:
         The cache key is the provider's name plus the request's canonical JSON, so a cached answer is
         reused for an identical request whatever its temperature: pass `cache=False` to sample anew.
         """
+        if not callable(getattr(provider, "complete", None)):
+            raise ConfigError(f"provider must be a Provider (with a complete method), got {provider!r:.60}")
+        if not isinstance(request, ChatRequest):
+            raise ConfigError(f"request must be a ChatRequest, got {type(request).__name__}")
         price = self.price(request.model)
         key = chat_cache_key(provider.name, request) if cache else None
 
@@ -308,7 +312,13 @@ class Scheduler:
         if not callable(fn):
             raise ConfigError(f"fn must be an async function returning an Outcome, got {fn!r:.80}")
         price = self.price(model)
-        if not isinstance(reserve, Usage) or reserve.input_tokens < 0 or reserve.output_tokens < 0:
+        if not (
+            isinstance(reserve, Usage)
+            and all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                for t in (reserve.input_tokens, reserve.output_tokens)
+            )
+        ):
             raise ConfigError(f"reserve must be a Usage with non-negative token counts, got {reserve!r}")
         return (await self._run(fn, _outcome, price, reserve, cache_key, label, None))[0]
 

@@ -25,6 +25,7 @@ from evomerge_sdk.http import (
     SessionOwner,
     Window,
     check_base_url,
+    check_headers,
     field,
     header_int,
     optional_field,
@@ -126,7 +127,7 @@ class AnthropicProvider(SessionOwner):
             base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL, "base_url"
         )
         self.version = version
-        self._headers = {**(headers or {}), "x-api-key": key, "anthropic-version": version}
+        self._headers = {**check_headers(headers), "x-api-key": key, "anthropic-version": version}
         self._http = HTTPClient(
             provider=self.name, timeout=timeout, verify_tls=verify_tls, session=session, secrets=[key]
         )

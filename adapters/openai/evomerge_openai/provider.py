@@ -21,6 +21,7 @@ from evomerge_sdk.http import (
     HTTPClient,
     SessionOwner,
     check_base_url,
+    check_headers,
     field,
     optional_field,
     parse_openai_rate_limits,
@@ -83,7 +84,7 @@ class OpenAIProvider(SessionOwner):
             )
         self.azure = azure
         self.max_tokens_field = max_tokens_field
-        self._headers: dict[str, str] = dict(headers or {})
+        self._headers = check_headers(headers)
         self._params: dict[str, str] = {}
         key = (
             self._configure_azure(api_key, base_url, api_version)
@@ -116,7 +117,7 @@ class OpenAIProvider(SessionOwner):
             ("OpenAI-Project", project or _env("OPENAI_PROJECT_ID")),
         ):
             if value:
-                self._headers[header] = value
+                self._headers.update(check_headers({header: value}, "organization and project"))
         return key
 
     def __repr__(self) -> str:
