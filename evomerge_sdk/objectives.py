@@ -32,6 +32,7 @@ import attrs
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ._checks import is_number
 from .engine.objective import Candidate, EvaluationContext, Split
 from .engine.operators import keep_count, magnitude_order
 from .errors import BadResponse, ConfigError
@@ -185,10 +186,6 @@ class LabelledExamples:
         )
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _positive(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
@@ -221,14 +218,14 @@ class ScoringConfig:
             raise ConfigError(f"method must be 'auto', 'logprobs' or 'votes', got {self.method!r}")
         if self.top_logprobs > 20:
             raise ConfigError(f"top_logprobs must be at most 20, got {self.top_logprobs}")
-        if not (_is_number(self.temperature) and self.temperature > 0):
+        if not (is_number(self.temperature) and self.temperature > 0):
             raise ConfigError(f"temperature (for voting) must be > 0, got {self.temperature!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         for name in ("seed_field", "system"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a string or None, got {getattr(self, name)!r}")
-        if not (_is_number(self.smoothing) and self.smoothing > 0):
+        if not (is_number(self.smoothing) and self.smoothing > 0):
             raise ConfigError(f"smoothing must be > 0 (zero votes would score -inf), got {self.smoothing!r}")
 
     def method_for(self, provider: Provider) -> Literal["logprobs", "votes"]:

@@ -8,13 +8,13 @@ hierarchy in `evomerge_sdk.errors`.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import attrs
 
+from ._checks import is_int, is_number
 from .errors import ConfigError
 
 __all__ = [
@@ -85,19 +85,11 @@ def as_messages(value: str | Sequence[Message] | Sequence[Mapping[str, str]]) ->
     return tuple(out)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 # Keys `extra` may not set: the typed fields own them, and the budget reserves for `max_tokens` output
 # tokens of one streamed-whole answer, so a bigger cap, several choices or a stream would overspend it.
 _RESERVED_EXTRA = frozenset(
     {"model", "messages", "max_tokens", "max_completion_tokens", "max_output_tokens", "n", "stream"}
-    | {"temperature", "top_p", "logprobs", "top_logprobs"}
+    | {"temperature", "top_p", "logprobs", "top_logprobs"}  # the typed fields
 )
 
 
@@ -129,17 +121,15 @@ class ChatRequest:
             raise ConfigError(f"model must be a non-empty string, got {self.model!r}")
         if not self.messages:
             raise ConfigError("a request needs at least one message")
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise ConfigError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if self.temperature is not None and not (_is_number(self.temperature) and self.temperature >= 0):
+        if self.temperature is not None and not (is_number(self.temperature) and self.temperature >= 0):
             raise ConfigError(f"temperature must be a finite number >= 0 or None, got {self.temperature!r}")
-        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+        if self.top_p is not None and not (is_number(self.top_p) and 0 < self.top_p <= 1):
             raise ConfigError(f"top_p must be a number in (0, 1] or None, got {self.top_p!r}")
         if not isinstance(self.logprobs, bool):
             raise ConfigError(f"logprobs must be True or False, got {self.logprobs!r}")
-        if self.top_logprobs is not None and not (
-            _is_int(self.top_logprobs) and 0 <= self.top_logprobs <= 20
-        ):
+        if self.top_logprobs is not None and not (is_int(self.top_logprobs) and 0 <= self.top_logprobs <= 20):
             raise ConfigError(
                 f"top_logprobs must be an integer in [0, 20] or None, got {self.top_logprobs!r}"
             )

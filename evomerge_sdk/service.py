@@ -34,6 +34,7 @@ import attrs
 import numpy as np
 from numpy.typing import ArrayLike
 
+from ._checks import check_number
 from .engine.objective import Candidate, EvaluationContext, Split
 from .engine.operators import check_coefficients
 from .errors import BadResponse, BudgetExceeded, ConfigError
@@ -142,11 +143,6 @@ def _check_session(session: object) -> None:
         raise ConfigError(f"session must be a ServiceSession (from create_session), got {session!r:.60}")
 
 
-def _check_tokens_per_evaluation(value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"tokens_per_evaluation must be a positive integer, got {value!r}")
-
-
 def _number(value: Any, where: str, *, allow_null: bool = False) -> float | None:
     if value is None and allow_null:
         return None
@@ -219,7 +215,7 @@ class MergeServiceClient:
         self.base_url = check_base_url(base_url, "base_url")
         if scheduler is not None and not isinstance(scheduler, Scheduler):
             raise ConfigError(f"scheduler must be a Scheduler, got {type(scheduler).__name__}")
-        _check_tokens_per_evaluation(tokens_per_evaluation)
+        check_number("tokens_per_evaluation", tokens_per_evaluation, integer=True)
         if not isinstance(model, str) or not model:
             raise ConfigError("model must be a non-empty string")
         self.model = model
@@ -343,7 +339,7 @@ class MergeServiceClient:
         if not isinstance(preset_id, str) or not preset_id:
             raise ConfigError("preset_id must be a non-empty string")
         if tokens_per_evaluation is not None:
-            _check_tokens_per_evaluation(tokens_per_evaluation)
+            check_number("tokens_per_evaluation", tokens_per_evaluation, integer=True)
         extensions = await self.extensions()
         body: dict[str, Any] = {"preset_id": preset_id}
         if model_name_or_path is not None:

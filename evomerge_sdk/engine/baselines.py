@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import attrs
 import numpy as np
 
+from .._checks import is_number
 from ..errors import BudgetExceeded, ConfigError, EvomergeError
 from .cmaes import StopReason
 from .config import LORAHUB
@@ -37,10 +38,6 @@ __all__ = [
     "task_arithmetic_grid",
     "uniform_merge",
 ]
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_n(n_models: int) -> None:
@@ -160,7 +157,7 @@ async def random_search(
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
     for name, bounds, box in (("alpha_bounds", alpha_bounds, (0.0, 1.0)), ("beta_bounds", beta_bounds, None)):
-        if not (isinstance(bounds, tuple) and len(bounds) == 2 and all(map(_finite, bounds))):
+        if not (isinstance(bounds, tuple) and len(bounds) == 2 and all(map(is_number, bounds))):
             raise ConfigError(f"{name} must be a (lower, upper) pair of finite numbers, got {bounds!r:.60}")
         lo, hi = bounds
         if not lo < hi or (box is not None and not box[0] <= lo < hi <= box[1]):

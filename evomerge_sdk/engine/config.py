@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import attrs
 
+from .._checks import is_int, is_number
 from ..errors import ConfigError
 from .cmaes import default_popsize
 
@@ -42,14 +43,6 @@ def budget_too_small(max_evaluations: int, popsize: int) -> str:
     return f"max_evaluations={max_evaluations} does not pay for one generation of {popsize} candidates"
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_stage(stage: StageConfig) -> None:
     def fail(msg: str) -> ConfigError:
         return ConfigError(f"stage config: {msg}")
@@ -64,12 +57,12 @@ def _check_stage(stage: StageConfig) -> None:
         raise fail(f"bounds need lower < upper, got [{stage.lower}, {stage.upper}]")
     if stage.penalty < 0 or stage.tolfun < 0 or stage.tolx < 0:
         raise fail("penalty, tolfun and tolx must be >= 0")
-    if stage.popsize is not None and not (_is_int(stage.popsize) and stage.popsize >= 2):
+    if stage.popsize is not None and not (is_int(stage.popsize) and stage.popsize >= 2):
         raise fail(f"popsize must be None (default) or an integer >= 2, got {stage.popsize!r}")
-    if not (_is_int(stage.max_evaluations) and stage.max_evaluations >= 1):
+    if not (is_int(stage.max_evaluations) and stage.max_evaluations >= 1):
         raise fail(f"max_evaluations must be an integer >= 1, got {stage.max_evaluations!r}")
     if stage.start != "1/N":
-        if not _is_number(stage.start):
+        if not is_number(stage.start):
             raise fail(f"start must be a finite number or '1/N', got {stage.start!r}")
         if not stage.lower <= stage.start <= stage.upper:
             raise fail(f"start {stage.start} lies outside [{stage.lower}, {stage.upper}]")
@@ -77,9 +70,9 @@ def _check_stage(stage: StageConfig) -> None:
         raise fail(f"diagonal must be True, False or 'auto', got {stage.diagonal!r}")
     if stage.sigma_scaling not in ("none", "sqrt"):
         raise fail(f"sigma_scaling must be 'none' or 'sqrt', got {stage.sigma_scaling!r}")
-    if stage.batch_size is not None and not (_is_int(stage.batch_size) and stage.batch_size >= 1):
+    if stage.batch_size is not None and not (is_int(stage.batch_size) and stage.batch_size >= 1):
         raise fail(f"batch_size must be None (whole split) or an integer >= 1, got {stage.batch_size!r}")
-    if not (_is_int(stage.rescore_every) and stage.rescore_every >= 0):
+    if not (is_int(stage.rescore_every) and stage.rescore_every >= 0):
         raise fail(f"rescore_every must be an integer >= 0, got {stage.rescore_every!r}")
     if stage.popsize is not None and stage.max_evaluations < stage.popsize:
         raise fail(budget_too_small(stage.max_evaluations, stage.popsize))
@@ -165,7 +158,7 @@ class EarlyStopping:
     def __attrs_post_init__(self) -> None:
         if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
             raise ConfigError(f"early stopping patience must be an integer >= 1, got {self.patience!r}")
-        if not (_is_number(self.min_delta) and self.min_delta >= 0):
+        if not (is_number(self.min_delta) and self.min_delta >= 0):
             raise ConfigError(f"early stopping min_delta must be >= 0, got {self.min_delta!r}")
 
 
@@ -194,7 +187,7 @@ class SearchConfig:
             raise ConfigError(f"early_stopping must be an EarlyStopping or None, got {self.early_stopping!r}")
         if self.denoise is None and self.scale is None:
             raise ConfigError("a search needs at least one stage (denoise or scale)")
-        if not (_is_number(self.fixed_alpha) and 0 <= self.fixed_alpha <= 1):
+        if not (is_number(self.fixed_alpha) and 0 <= self.fixed_alpha <= 1):
             raise ConfigError(f"fixed_alpha must be in [0, 1], got {self.fixed_alpha!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")

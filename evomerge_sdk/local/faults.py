@@ -30,8 +30,8 @@ import anyio
 import attrs
 from aiohttp import web
 
+from .._checks import check_number
 from ..errors import ConfigError
-from ..scheduler._checks import check_number
 from ..scheduler.limiter import Gcra
 
 __all__ = [

@@ -52,10 +52,10 @@ import attrs
 import numpy as np
 from aiohttp import web
 
+from .._checks import check_number
 from ..errors import ConfigError
 from ..http import AppServer, Handler, Refusal, is_loopback, until_terminated
 from ..logs import get_logger
-from ..scheduler._checks import check_number
 from .faults import FaultConfig, FaultInjector, ServerLimits, ServerStats, record_served
 from .repository import Repository, RepositoryConfig, build_repository
 from .sessions import (

@@ -24,9 +24,9 @@ from typing import Any
 import anyio
 import attrs
 
+from .._checks import check_number
 from ..errors import BudgetExceeded, ConfigError
 from ..providers import Usage
-from ._checks import check_number
 
 __all__ = [
     "DEFAULT_PRICES",

@@ -28,10 +28,10 @@ from typing import Any
 import anyio
 import attrs
 
+from .._checks import check_number
 from ..errors import ConfigError
 from ..logs import get_logger
 from ..providers import ChatRequest, Message, Usage
-from ._checks import check_number
 
 __all__ = ["CachedValue", "ResponseCache", "cache_key", "chat_cache_key"]
 

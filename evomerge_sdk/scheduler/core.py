@@ -37,6 +37,7 @@ import anyio
 import attrs
 import structlog
 
+from .._checks import check_number, is_int
 from ..errors import (
     AuthenticationError,
     BadResponse,
@@ -49,7 +50,6 @@ from ..errors import (
 )
 from ..logs import get_logger
 from ..providers import ChatRequest, Completion, Provider, RateLimitInfo, TokenLogprob, Usage
-from ._checks import check_number
 from .budget import Budget, BudgetLedger, ModelPrice, Price, PriceTable, Spend, bind_prices
 from .cache import CachedValue, ResponseCache, chat_cache_key
 from .limiter import RateLimiter
@@ -312,13 +312,8 @@ class Scheduler:
         if not callable(fn):
             raise ConfigError(f"fn must be an async function returning an Outcome, got {fn!r:.80}")
         price = self.price(model)
-        if not (
-            isinstance(reserve, Usage)
-            and all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                for t in (reserve.input_tokens, reserve.output_tokens)
-            )
-        ):
+        tokens = (reserve.input_tokens, reserve.output_tokens) if isinstance(reserve, Usage) else (-1,)
+        if not all(is_int(t) and t >= 0 for t in tokens):
             raise ConfigError(f"reserve must be a Usage with non-negative token counts, got {reserve!r}")
         return (await self._run(fn, _outcome, price, reserve, cache_key, label, None))[0]
 

@@ -19,8 +19,8 @@ import math
 
 import anyio
 
+from .._checks import check_number
 from ..providers import RateLimitInfo
-from ._checks import check_number
 
 __all__ = ["Gcra", "RateLimiter", "RateSchedule", "check_rate"]
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import attrs
 
+from .._checks import check_number
 from ..errors import RetryableError
-from ._checks import check_number
 
 __all__ = ["RetryPolicy"]
 

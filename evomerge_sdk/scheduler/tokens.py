@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from .._checks import check_number
 from ..errors import ConfigError
 from ..logs import get_logger
 from ..providers import ChatRequest, Message
-from ._checks import check_number
 
 if TYPE_CHECKING:
     from tiktoken import Encoding

@@ -1,10 +1,20 @@
-"""One validator for the numeric settings of the scheduler, so every bad value fails the same clear way."""
+"""The number checks every boundary of the SDK shares, so every bad value fails the same clear way."""
 
 from __future__ import annotations
 
 import math
 
-from ..errors import ConfigError
+from .errors import ConfigError
+
+
+def is_int(value: object) -> bool:
+    """An int that is not a bool (True is an int to Python, never a count to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_number(
