@@ -38,6 +38,7 @@ import anyio.to_thread
 import attrs
 import numpy as np
 
+from ._checks import check_number
 from .engine.baselines import best_single, lorahub, task_arithmetic, uniform_merge
 from .engine.budget import fit_to_queries
 from .engine.config import PRESETS, SearchConfig
@@ -74,20 +75,17 @@ _QUICK_BUDGET = 2_000_000
 # attrs validators and converters of both demo configs (`demo_output` imports them).
 def positive_int(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     """An integer >= 1 (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
+    check_number(attribute.name, value, integer=True)
 
 
 def non_negative_int(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     """An integer >= 0 (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{attribute.name} must be a non-negative integer, got {value!r}")
+    check_number(attribute.name, value, integer=True, strict=False)
 
 
 def optional_positive_int(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     """None or an integer >= 1."""
-    if value is not None:
-        positive_int(inst, attribute, value)
+    check_number(attribute.name, value, integer=True, allow_none=True)
 
 
 def folder(_: object, attribute: attrs.Attribute[Any], value: Path | None) -> None:
