@@ -50,11 +50,18 @@ import anyio
 import attrs
 import numpy as np
 
-from evomerge_sdk.engine.baselines import task_arithmetic
-from evomerge_sdk.engine.config import DEFAULT, PAPER, EarlyStopping, SearchConfig
-from evomerge_sdk.engine.search import EvoMerge, Progress, SearchResult
-from evomerge_sdk.local.objective import LocalObjective
+from evomerge_sdk.engine import (
+    DEFAULT,
+    PAPER,
+    EarlyStopping,
+    EvoMerge,
+    Progress,
+    SearchConfig,
+    SearchResult,
+    task_arithmetic,
+)
 from evomerge_sdk.local.repository import Repository, RepositoryConfig, Target, build_repository
+from evomerge_sdk.testing import LocalObjective
 
 METHODS: dict[str, SearchConfig] = {
     "paper": PAPER,

@@ -37,7 +37,7 @@ from typing import Any
 import cma
 import numpy as np
 
-from evomerge_sdk.engine.cmaes import CMA, default_popsize
+from evomerge_sdk.engine import CMA, default_popsize
 
 TARGET = 1e-8
 MAX_EVALS = 100_000

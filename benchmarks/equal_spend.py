@@ -33,12 +33,17 @@ import attrs
 import numpy as np
 from _ood_cases import run_cases  # also puts this checkout first on sys.path
 
-from evomerge_sdk.engine.budget import fit_to_queries, planned_queries
-from evomerge_sdk.engine.config import DEFAULT, LORAHUB, SearchConfig
-from evomerge_sdk.engine.objective import Candidate
-from evomerge_sdk.engine.search import EvoMerge
-from evomerge_sdk.local.objective import LocalObjective
+from evomerge_sdk.engine import (
+    DEFAULT,
+    LORAHUB,
+    Candidate,
+    EvoMerge,
+    SearchConfig,
+    fit_to_queries,
+    planned_queries,
+)
 from evomerge_sdk.local.repository import RepositoryConfig, build_repository
+from evomerge_sdk.testing import LocalObjective
 
 DEMO_CASE = (0, "ood:ner/news")
 BOOTSTRAP = 10_000

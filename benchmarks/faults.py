@@ -31,14 +31,14 @@ import attrs
 import numpy as np
 import structlog
 
-from evomerge_sdk.engine.config import DEFAULT, SearchConfig
-from evomerge_sdk.engine.search import EvoMerge, SearchResult
+from evomerge_sdk.engine import DEFAULT, EvoMerge, SearchConfig, SearchResult
+from evomerge_sdk.local import preset_id
 from evomerge_sdk.local.faults import FaultConfig
 from evomerge_sdk.local.repository import Repository, build_repository
 from evomerge_sdk.local.server import LocalService
-from evomerge_sdk.local.sessions import preset_id
+from evomerge_sdk.objectives import ServiceObjective
 from evomerge_sdk.scheduler import RetryPolicy, Scheduler
-from evomerge_sdk.service import MergeServiceClient, ServiceObjective
+from evomerge_sdk.service import MergeServiceClient
 
 TARGET = "ood:ner/news"
 REQUEST_TIMEOUT = 1.0  # seconds before a hung request is abandoned and retried

@@ -7,7 +7,7 @@ on validation loss), a LoRAHub-style search, the paper's Evo-Merging protocol, t
 in full mode also the paper protocol's three ablations and the default search's denoising and
 negative-beta ablations, and, for reference, the target's own specialist adapter (in the pool for
 in-domain targets, never for out-of-domain ones).
-Every search runs the engine (`evomerge_sdk.engine`) on `evomerge_sdk.local.objective.LocalObjective`:
+Every search runs the engine (`evomerge_sdk.engine`) on `evomerge_sdk.testing.objective.LocalObjective`:
 the repository's validation loss, minibatches where the preset asks for them, the held-out split for
 early stopping.
 
@@ -38,12 +38,19 @@ import anyio
 import attrs
 import numpy as np
 
-from evomerge_sdk.engine.baselines import best_single, uniform_merge
-from evomerge_sdk.engine.config import DEFAULT, LORAHUB, PAPER, SearchConfig, ablations
-from evomerge_sdk.engine.search import EvoMerge
+from evomerge_sdk.engine import (
+    DEFAULT,
+    LORAHUB,
+    PAPER,
+    EvoMerge,
+    SearchConfig,
+    ablations,
+    best_single,
+    uniform_merge,
+)
 from evomerge_sdk.local import whitebox
-from evomerge_sdk.local.objective import LocalObjective
 from evomerge_sdk.local.repository import Repository, RepositoryConfig, Target, build_repository
+from evomerge_sdk.testing import LocalObjective
 
 METHODS = (
     "specialist",

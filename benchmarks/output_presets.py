@@ -28,8 +28,7 @@ import attrs
 import numpy as np
 from _ood_cases import run_cases  # also puts this checkout first on sys.path
 
-from evomerge_sdk.engine.config import SearchConfig, preset
-from evomerge_sdk.engine.search import EvoMerge
+from evomerge_sdk.engine import EvoMerge, SearchConfig, preset
 from evomerge_sdk.local.repository import Repository, RepositoryConfig, build_repository
 from evomerge_sdk.local.tasks import Examples
 from evomerge_sdk.objectives import OutputScores, OutputSpaceObjective

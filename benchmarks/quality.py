@@ -46,14 +46,24 @@ import anyio
 import attrs
 import numpy as np
 
-from evomerge_sdk.engine.baselines import best_single, random_search, uniform_merge
-from evomerge_sdk.engine.budget import fit_to_queries, planned_queries
-from evomerge_sdk.engine.config import DEFAULT, LORAHUB, PAPER, SearchConfig, ablations
-from evomerge_sdk.engine.objective import Candidate
-from evomerge_sdk.engine.search import EvoMerge, SearchResult
+from evomerge_sdk.engine import (
+    DEFAULT,
+    LORAHUB,
+    PAPER,
+    Candidate,
+    EvoMerge,
+    SearchConfig,
+    SearchResult,
+    ablations,
+    best_single,
+    fit_to_queries,
+    planned_queries,
+    random_search,
+    uniform_merge,
+)
 from evomerge_sdk.local import whitebox
-from evomerge_sdk.local.objective import LocalObjective
 from evomerge_sdk.local.repository import Repository, RepositoryConfig, Target, build_repository
+from evomerge_sdk.testing import LocalObjective
 
 ROWS: dict[str, str] = {
     "evo_default": "Evo-Merging (default preset)",

@@ -46,8 +46,8 @@ import anyio
 import structlog
 
 from evomerge_sdk import BudgetExceeded, ChatRequest, Provider
-from evomerge_sdk.local.echo_server import EchoProvider
 from evomerge_sdk.scheduler import Budget, RetryPolicy, Scheduler, TokenCounter
+from evomerge_sdk.testing import EchoProvider
 
 MODEL = "gpt-4o-mini"
 MAX_TOKENS = 16
@@ -55,9 +55,9 @@ MAX_TOKENS = 16
 
 @contextmanager
 def echo_server(*args: str) -> Iterator[str]:
-    """Start `python -m evomerge_sdk.local.echo_server` with `args`; yield its URL; stop it."""
+    """Start `python -m evomerge_sdk.testing.echo_server` with `args`; yield its URL; stop it."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "evomerge_sdk.local.echo_server", *args],
+        [sys.executable, "-m", "evomerge_sdk.testing.echo_server", *args],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -1,12 +1,15 @@
 """evomerge-sdk: black-box merging of LLMs reachable only through APIs (Evo-Merging).
 
-The package root re-exports the public surface. Heavy parts (numpy, aiohttp) load on first use, so
-`import evomerge_sdk` stays fast.
+The package root re-exports the product surface only: providers, errors, the `Scheduler`, the engine's
+search, the merge-service client, the objectives and the merged model. The embedded service lives in
+`evomerge_sdk.local`, the demo in `evomerge_sdk.demo`, test doubles in `evomerge_sdk.testing`. Heavy parts
+(numpy, aiohttp) load on first use, so `import evomerge_sdk` stays fast.
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
@@ -19,9 +22,10 @@ from .errors import (
     InvalidRequest,
     ProviderError,
     RateLimited,
+    RequestTimeout,
     RetryableError,
     ServerError,
-    Timeout,
+    UsageError,
 )
 from .providers import (
     ChatRequest,
@@ -62,23 +66,27 @@ _ENGINE = (
     "uniform_merge",
 )
 _SCHEDULER = ("Budget", "Price", "PriceTable", "RetryPolicy", "Scheduler")
-_SERVICE = ("MergeServiceClient", "ServiceObjective", "ServiceSession")
-_MERGED = ("MergedModel", "MergedSpec", "load_spec", "open_merged")
-_OBJECTIVES = ("AnswerSet", "LabelledExamples", "OutputSpaceObjective", "ScoringConfig", "collect_scores")
+_SERVICE = ("MergeServiceClient", "ServiceSession")
+_MERGED = ("MergedModel", "MergedModelServer", "MergedSpec", "load_spec", "open_merged")
+_OBJECTIVES = (
+    "AnswerSet",
+    "LabelledExamples",
+    "OutputSpaceObjective",
+    "ScoringConfig",
+    "ServiceObjective",
+    "collect_scores",
+)
 _LAZY: dict[str, str] = {
     **dict.fromkeys(_ENGINE, ".engine"),
     **dict.fromkeys(_SCHEDULER, ".scheduler"),
     **dict.fromkeys(_SERVICE, ".service"),
     **dict.fromkeys(_MERGED, ".merged"),
     **dict.fromkeys(_OBJECTIVES, ".objectives"),
-    "MergedModelServer": ".serve",
-    "LocalService": ".local.server",
-    "DemoConfig": ".demo",
-    "run_demo": ".demo",
 }
+_DEPRECATED = {"Timeout": ("RequestTimeout", RequestTimeout)}
+"""Old names kept for one minor version (0.2); see CHANGELOG.md."""
 
 if TYPE_CHECKING:
-    from .demo import DemoConfig, run_demo
     from .engine import (
         DEFAULT,
         PAPER,
@@ -102,15 +110,29 @@ if TYPE_CHECKING:
         task_arithmetic,
         uniform_merge,
     )
-    from .local.server import LocalService
-    from .merged import MergedModel, MergedSpec, load_spec, open_merged
-    from .objectives import AnswerSet, LabelledExamples, OutputSpaceObjective, ScoringConfig, collect_scores
+    from .merged import MergedModel, MergedModelServer, MergedSpec, load_spec, open_merged
+    from .objectives import (
+        AnswerSet,
+        LabelledExamples,
+        OutputSpaceObjective,
+        ScoringConfig,
+        ServiceObjective,
+        collect_scores,
+    )
     from .scheduler import Budget, Price, PriceTable, RetryPolicy, Scheduler
-    from .serve import MergedModelServer
-    from .service import MergeServiceClient, ServiceObjective, ServiceSession
+    from .service import MergeServiceClient, ServiceSession
 
 
 def __getattr__(name: str) -> Any:
+    """Load a product name on first use; an old name resolves with a DeprecationWarning."""
+    if name in _DEPRECATED:
+        new, value = _DEPRECATED[name]
+        warnings.warn(
+            f"evomerge_sdk.{name} is deprecated; use {new} (the old name goes in 0.3)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return value
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'evomerge_sdk' has no attribute {name!r}")
@@ -136,14 +158,12 @@ __all__ = [
     "Completion",
     "ConfigError",
     "ConnectionFailed",
-    "DemoConfig",
     "EarlyStopping",
     "EvaluationContext",
     "EvoMerge",
     "EvomergeError",
     "InvalidRequest",
     "LabelledExamples",
-    "LocalService",
     "MergeServiceClient",
     "MergedModel",
     "MergedModelServer",
@@ -158,6 +178,7 @@ __all__ = [
     "ProviderError",
     "RateLimitInfo",
     "RateLimited",
+    "RequestTimeout",
     "RetryPolicy",
     "RetryableError",
     "Scheduler",
@@ -169,9 +190,9 @@ __all__ = [
     "ServiceSession",
     "Split",
     "StageConfig",
-    "Timeout",
     "TokenLogprob",
     "Usage",
+    "UsageError",
     "ablations",
     "available_providers",
     "best_single",
@@ -184,7 +205,6 @@ __all__ = [
     "planned_queries",
     "preset",
     "random_search",
-    "run_demo",
     "task_arithmetic",
     "uniform_merge",
 ]

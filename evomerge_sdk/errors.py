@@ -1,5 +1,19 @@
 """One hierarchy for every error the SDK raises.
 
+    EvomergeError                  every error the SDK raises on purpose
+    ├── ConfigError (ValueError)   a bad setting, argument or input, refused before any work starts
+    ├── UsageError (RuntimeError)  a call at the wrong time: a resource not opened yet, or closed
+    ├── BudgetExceeded             the hard budget cannot cover the next request (nothing was sent)
+    └── ProviderError              a call to a model API failed (`status`, `rate_limits`)
+        ├── AuthenticationError    401/403: never retried
+        ├── InvalidRequest         400/404/422 or a spend limit: never retried
+        └── RetryableError         may succeed if sent again later
+            ├── RateLimited        429 (`retry_after`)
+            ├── ServerError        5xx
+            ├── RequestTimeout     no complete answer in time (`Timeout` is its deprecated old name)
+            ├── ConnectionFailed   no connection, or dropped before a full answer
+            └── BadResponse        an answer that cannot be parsed
+
 Adapters map their wire-level failures onto these types, so the scheduler can decide what to retry
 without knowing which API it talks to. Retryable errors derive from `RetryableError`; everything else
 is final.
@@ -7,6 +21,7 @@ is final.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -22,9 +37,10 @@ __all__ = [
     "InvalidRequest",
     "ProviderError",
     "RateLimited",
+    "RequestTimeout",
     "RetryableError",
     "ServerError",
-    "Timeout",
+    "UsageError",
 ]
 
 CLI_EXTRA_HINT = "pip install 'evomerge-sdk[cli]'"
@@ -37,6 +53,11 @@ class EvomergeError(Exception):
 
 class ConfigError(EvomergeError, ValueError):
     """A setting, argument or input is invalid; raised at the boundary, before any work starts."""
+
+
+class UsageError(EvomergeError, RuntimeError):
+    """The SDK was used in the wrong order: a resource used before it was opened or after it was closed,
+    or an ask/tell step out of turn. Fix the calling code; no setting makes it right."""
 
 
 class ProviderError(EvomergeError):
@@ -74,7 +95,7 @@ class ServerError(RetryableError):
     """The API answered with a 5xx status (or an 'overloaded' equivalent)."""
 
 
-class Timeout(RetryableError):
+class RequestTimeout(RetryableError):
     """No complete answer arrived within the per-request timeout."""
 
 
@@ -103,3 +124,20 @@ class BudgetExceeded(EvomergeError):
     def __init__(self, message: str, *, spent: Any = None) -> None:
         super().__init__(message)
         self.spent = spent
+
+
+_DEPRECATED = {"Timeout": ("RequestTimeout", RequestTimeout)}
+"""Old names kept for one minor version (0.2): they shadowed a builtin. See CHANGELOG.md."""
+
+
+def __getattr__(name: str) -> Any:
+    """Old names still resolve, with a DeprecationWarning naming the new one."""
+    if name in _DEPRECATED:
+        new, value = _DEPRECATED[name]
+        warnings.warn(
+            f"evomerge_sdk.errors.{name} is deprecated; use {new} (the old name goes in 0.3)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

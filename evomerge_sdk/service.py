@@ -1,4 +1,5 @@
-"""The merge-service protocol (DESIGN 3) as a provider: a client, and the objective the search calls.
+"""The client of the merge-service protocol (DESIGN 3); `objectives.ServiceObjective` is the search's
+objective over it.
 
     async with MergeServiceClient("http://127.0.0.1:8080", scheduler=scheduler) as client:
         validation = await client.create_session("ood:ner/news/pool-20")
@@ -29,17 +30,15 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-import anyio
 import attrs
 import numpy as np
 from numpy.typing import ArrayLike
 
 from ._checks import check_number
-from .engine.objective import Candidate, EvaluationContext, Split
-from .engine.operators import check_coefficients
-from .errors import BadResponse, BudgetExceeded, ConfigError
-from .http import HTTPClient, check_base_url, parse_openai_rate_limits
-from .logs import get_logger
+from ._logs import get_logger
+from .engine._operators import check_coefficients
+from .errors import BadResponse, ConfigError
+from .http.client import HTTPClient, check_base_url, parse_openai_rate_limits
 from .providers import RateLimitInfo, TokenLogprob, Usage, check_text
 from .scheduler import Outcome, Scheduler, cache_key
 
@@ -49,7 +48,6 @@ __all__ = [
     "Materialized",
     "MergeServiceClient",
     "ServiceCompletion",
-    "ServiceObjective",
     "ServicePreset",
     "ServiceSession",
 ]
@@ -537,94 +535,3 @@ class MergeServiceClient:
             result.cached,
             finish if isinstance(finish, str) else None,
         )
-
-
-class ServiceObjective:
-    """The engine's `Objective` over a merge service: each candidate's loss from one evaluation.
-
-    A generation is sent concurrently (an anyio task group; the scheduler bounds concurrency).
-    `context.split` picks the session: `validation`, or `held_out` for early stopping (ConfigError if
-    the search asks for a held-out split and there is none). With `context.batch_size` set, each
-    candidate is scored on the generation's minibatch, when the server has the minibatch extension;
-    otherwise on everything (logged once). A `BudgetExceeded` reaches the search, which stops cleanly.
-    """
-
-    def __init__(
-        self,
-        client: MergeServiceClient,
-        validation: ServiceSession,
-        held_out: ServiceSession | None = None,
-    ) -> None:
-        if not isinstance(client, MergeServiceClient):
-            raise ConfigError(f"client must be a MergeServiceClient, got {type(client).__name__}")
-        if not isinstance(validation, ServiceSession):
-            raise ConfigError(
-                f"the validation session must be a ServiceSession, got {type(validation).__name__}"
-            )
-        for session in (validation, held_out):
-            if session is not None and not isinstance(session, ServiceSession):
-                raise ConfigError(f"sessions must be ServiceSession objects, got {type(session).__name__}")
-        if held_out is not None and held_out.adapter_count != validation.adapter_count:
-            raise ConfigError("the validation and held-out sessions must have the same pool size")
-        self.client = client
-        self.validation = validation
-        self.held_out = held_out
-        self.evaluations = 0
-        self.examples_scored = 0  # as the service reports them (`Evaluation.n_examples`); cost in examples
-        self.cache_hits = 0
-        self._told_full = False
-
-    @property
-    def n_models(self) -> int:
-        """The pool size (entries of alpha and beta)."""
-        return self.validation.adapter_count
-
-    def _session(self, split: Split) -> ServiceSession:
-        if split is Split.VALIDATION:
-            return self.validation
-        if self.held_out is None:
-            raise ConfigError(
-                "the search asked for a held-out split but the objective has no held-out session: pass "
-                "held_out=..., or drop early stopping with attrs.evolve(config, early_stopping=None)"
-            )
-        return self.held_out
-
-    async def __call__(self, candidates: Sequence[Candidate], context: EvaluationContext) -> list[float]:
-        """Score every candidate on the context's split (and minibatch); losses in order."""
-        session = self._session(context.split)
-        examples = None
-        if context.batch_size is not None:
-            if session.minibatch and session.n_examples is not None:
-                examples = context.minibatch(session.n_examples)
-            elif not self._told_full:
-                self._told_full = True
-                _log.warning(
-                    "minibatch_unavailable",
-                    detail="the service cannot score a subset of examples; every evaluation scores all",
-                    batch_size=context.batch_size,
-                )
-        losses = [math.nan] * len(candidates)
-        errors: list[tuple[int, Exception]] = []
-
-        async def one(i: int, candidate: Candidate, scope: anyio.CancelScope) -> None:
-            try:
-                ev = await self.client.evaluate(
-                    session, candidate.alpha, candidate.beta, examples=examples, tag=context.stage
-                )
-            except Exception as exc:  # collected: a task group would wrap it in an ExceptionGroup
-                errors.append((i, exc))
-                if not isinstance(exc, BudgetExceeded):
-                    scope.cancel()  # a final failure: the rest of the generation is moot
-                return
-            losses[i] = ev.loss
-            self.evaluations += 1
-            self.examples_scored += ev.n_examples or 0
-            self.cache_hits += int(ev.cached)
-
-        async with anyio.create_task_group() as tg:
-            for i, candidate in enumerate(candidates):
-                tg.start_soon(one, i, candidate, tg.cancel_scope)
-        if errors:
-            errors.sort(key=lambda e: (isinstance(e[1], BudgetExceeded), e[0]))
-            raise errors[0][1]
-        return losses

@@ -13,11 +13,11 @@ from evomerge_sdk import (
     DEFAULT,
     Budget,
     EvoMerge,
-    LocalService,
     MergeServiceClient,
     Scheduler,
     ServiceObjective,
 )
+from evomerge_sdk.local import LocalService
 
 
 async def main(max_evaluations: int = 200) -> float:

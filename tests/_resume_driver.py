@@ -23,10 +23,11 @@ import attrs
 import structlog
 
 from evomerge_sdk.engine import EvoMerge, SearchConfig, SearchResult, StageConfig
-from evomerge_sdk.engine.search import write_json_atomic
-from evomerge_sdk.local.sessions import preset_id
+from evomerge_sdk.engine._search import write_json_atomic
+from evomerge_sdk.local import preset_id
+from evomerge_sdk.objectives import ServiceObjective
 from evomerge_sdk.scheduler import Budget, MetricsSnapshot, RetryPolicy, Scheduler, Spend
-from evomerge_sdk.service import MergeServiceClient, ServiceObjective
+from evomerge_sdk.service import MergeServiceClient
 
 PRESET = preset_id("ood:ner/news", 5)
 POPSIZE = 6

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import structlog
 
+from evomerge_sdk._logs import get_logger
 from evomerge_sdk.local.repository import RepositoryConfig, build_repository
 from evomerge_sdk.local.server import LocalService
-from evomerge_sdk.logs import get_logger
 from evomerge_sdk.service import MergeServiceClient
 
 

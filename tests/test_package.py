@@ -29,3 +29,30 @@ def test_import_loads_no_heavy_module() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = set(json.loads(out))
     assert not loaded & {"numpy", "aiohttp", "tiktoken", "structlog", "anyio"}
+
+
+def test_timeout_is_a_deprecated_alias_of_request_timeout() -> None:
+    import warnings
+
+    from evomerge_sdk import errors
+
+    for module in (evomerge_sdk, errors):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            old = module.Timeout  # type: ignore[attr-defined]
+        assert old is evomerge_sdk.RequestTimeout
+        assert [w.category for w in caught] == [DeprecationWarning]
+        assert "RequestTimeout" in str(caught[0].message)
+    assert "Timeout" not in evomerge_sdk.__all__ and "Timeout" not in errors.__all__
+
+
+def test_misuse_is_a_usage_error_not_a_config_error() -> None:
+    import numpy as np
+    import pytest
+
+    from evomerge_sdk.engine import CMA
+
+    assert issubclass(evomerge_sdk.UsageError, evomerge_sdk.EvomergeError)
+    assert not issubclass(evomerge_sdk.UsageError, evomerge_sdk.ConfigError)
+    with pytest.raises(evomerge_sdk.UsageError, match="ask"):
+        CMA(np.zeros(2), 0.3, seed=0).tell(np.zeros(4))

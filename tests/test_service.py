@@ -13,12 +13,13 @@ import pytest
 
 from evomerge_sdk.engine import DEFAULT, Candidate, EvaluationContext, EvoMerge, Split, StopReason
 from evomerge_sdk.errors import AuthenticationError, BudgetExceeded, ConfigError, InvalidRequest
+from evomerge_sdk.local import preset_id
 from evomerge_sdk.local.faults import FaultConfig, ServerLimits
 from evomerge_sdk.local.repository import Repository
 from evomerge_sdk.local.server import LocalService
-from evomerge_sdk.local.sessions import preset_id
+from evomerge_sdk.objectives import ServiceObjective
 from evomerge_sdk.scheduler import Budget, RetryPolicy, Scheduler
-from evomerge_sdk.service import MergeServiceClient, ServiceObjective
+from evomerge_sdk.service import MergeServiceClient
 
 PRESET = preset_id("ood:ner/news", 5)
 assert DEFAULT.denoise is not None and DEFAULT.scale is not None
@@ -248,4 +249,4 @@ async def test_server_tpm_limit_is_honoured_without_paying_twice(repo: Repositor
         losses = await ServiceObjective(client, await client.create_session(PRESET))(cands, context)
         assert svc.stats.served_requests == len(cands)  # a 429 is refused before any work
         assert scheduler.metrics().rate_limited == svc.stats.rate_limited
-    assert losses == await InProcess(repo, svc.catalog.presets[PRESET].adapters)(cands, context)  # type: ignore[union-attr]
+    assert losses == await InProcess(repo, svc.backend.presets[PRESET].adapters)(cands, context)  # type: ignore[union-attr]

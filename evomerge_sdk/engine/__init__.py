@@ -6,7 +6,7 @@ losses, however it gets them.
 
 from __future__ import annotations
 
-from .baselines import (
+from ._baselines import (
     best_single,
     lorahub,
     random_search,
@@ -14,9 +14,8 @@ from .baselines import (
     task_arithmetic_grid,
     uniform_merge,
 )
-from .budget import fit_to_queries, planned_queries
-from .cmaes import CMA, BoxTransform, StopCriteria, StopReason, default_popsize
-from .config import (
+from ._cmaes import CMA, BoxTransform, StopCriteria, StopReason, default_popsize
+from ._config import (
     DEFAULT,
     LORAHUB,
     PAPER,
@@ -27,10 +26,10 @@ from .config import (
     ablations,
     preset,
 )
-from .objective import Candidate, EvaluationContext, Objective, Split
-from .operators import keep_count, magnitude_order, merge_lora, merge_outputs, scale_sum, sparsify
-from .search import EvoMerge, HistoryPoint, Progress, ProgressCallback, SearchResult, StageResult
-from .synthetic import SyntheticPool
+from ._objective import Candidate, EvaluationContext, Objective, Split
+from ._operators import keep_count, magnitude_order, merge_lora, merge_outputs, scale_sum, sparsify
+from ._planning import fit_to_queries, planned_queries
+from ._search import EvoMerge, HistoryPoint, Progress, ProgressCallback, SearchResult, StageResult
 
 __all__ = [
     "CMA",
@@ -54,7 +53,6 @@ __all__ = [
     "StageResult",
     "StopCriteria",
     "StopReason",
-    "SyntheticPool",
     "ablations",
     "best_single",
     "default_popsize",

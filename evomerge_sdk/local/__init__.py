@@ -1,6 +1,7 @@
-"""The embedded reference LMaaS: a numpy base model with a repository of LoRA adapters (DESIGN 4).
+"""The embedded reference LMaaS: a numpy base model with a repository of LoRA adapters (DESIGN 4), and
+the merge service that serves it (`LocalService`, over any `MergeBackend`).
 
-    from evomerge_sdk.local import RepositoryConfig, build_repository
+    from . import RepositoryConfig, build_repository
     repo = build_repository()                       # 110 adapters; built in seconds, then cached
     target = repo.targets()[0]                      # e.g. "ood:ner/news"
     pool = repo.pool(target, 20, seed=0)            # adapter names
@@ -30,12 +31,19 @@ _LAZY: dict[str, str] = {
     "LoraAdapter": ".model",
     "ModelWeights": ".model",
     "PoolMerger": ".merge",
-    "Metrics": ".metrics",
+    "LocalService": ".server",
+    "serve": ".server",
+    "FaultConfig": ".faults",
+    "ServerLimits": ".faults",
+    "MergeBackend": ".backend",
+    "RepositoryBackend": ".repository_backend",
+    "preset_id": ".repository_backend",
 }
 
 if TYPE_CHECKING:
+    from .backend import MergeBackend
+    from .faults import FaultConfig, ServerLimits
     from .merge import PoolMerger
-    from .metrics import Metrics
     from .model import LoraAdapter, ModelWeights
     from .repository import (
         AdapterInfo,
@@ -45,24 +53,32 @@ if TYPE_CHECKING:
         build_repository,
         default_cache_dir,
     )
+    from .repository_backend import RepositoryBackend, preset_id
+    from .server import LocalService, serve
     from .tasks import Examples, Task, World
     from .tokenizer import Tokenizer
 
 __all__ = [
     "AdapterInfo",
     "Examples",
+    "FaultConfig",
+    "LocalService",
     "LoraAdapter",
-    "Metrics",
+    "MergeBackend",
     "ModelWeights",
     "PoolMerger",
     "Repository",
+    "RepositoryBackend",
     "RepositoryConfig",
+    "ServerLimits",
     "Target",
     "Task",
     "Tokenizer",
     "World",
     "build_repository",
     "default_cache_dir",
+    "preset_id",
+    "serve",
 ]
 
 

@@ -2,7 +2,7 @@
 
 `FaultInjector` is an aiohttp middleware factory. Per request, in this order, it:
 
-1. enforces `ServerLimits` (RPM/TPM with the GCRA of `evomerge_sdk.scheduler.limiter`, a burst tolerance
+1. enforces `ServerLimits` (RPM/TPM with the GCRA of `evomerge_sdk.scheduler._limiter`, a burst tolerance
    like a real API's), answering 429 with `Retry-After`, `retry-after-ms` and `x-ratelimit-*` headers;
 2. injects the faults of `FaultConfig` before the handler runs: 429 with `Retry-After`, 500/503, a slow
    answer, a hang (no answer for a long time), plus a fixed added latency;
@@ -32,11 +32,11 @@ from aiohttp import web
 
 from .._checks import check_number
 from ..errors import ConfigError
-from ..scheduler.limiter import Gcra
 
 __all__ = [
     "FaultConfig",
     "FaultInjector",
+    "Gcra",
     "ServerLimits",
     "ServerStats",
     "format_duration",
@@ -198,6 +198,42 @@ def format_duration(seconds: float) -> str:
 def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:
     body = {"error": {"message": message, "type": kind, "param": None, "code": kind}}
     return web.json_response(body, status=status, headers=headers)
+
+
+class Gcra:
+    """Server-side GCRA: admit a request of `cost` now, or say how long until it would be admitted.
+
+    `per_minute` is the rate (requests or tokens); `tolerance` (seconds) is how far ahead of the smooth
+    schedule a client may run, i.e. the allowed burst is about `tolerance * per_minute / 60` units.
+    """
+
+    __slots__ = ("_tat", "interval", "per_minute", "tolerance")
+
+    def __init__(self, per_minute: float, *, tolerance: float = 1.0) -> None:
+        check_number("per_minute", per_minute, unit="per minute")
+        check_number("tolerance", tolerance, strict=False, unit="seconds")
+        rate = float(per_minute)
+        self.per_minute = rate
+        self.interval = 60.0 / rate
+        self.tolerance = tolerance
+        self._tat = -math.inf  # theoretical arrival time of the next unit
+
+    def check(self, now: float) -> float:
+        """Seconds until a request may be admitted (0.0: now). Does not admit."""
+        return max(0.0, self._tat - self.tolerance - now - 1e-9)
+
+    def admit(self, now: float, cost: float) -> None:
+        """Record an admitted request of `cost` units."""
+        self._tat = max(self._tat, now) + cost * self.interval
+
+    def remaining(self, now: float) -> int:
+        """Whole units that could be admitted right now (for `x-ratelimit-remaining-*`)."""
+        headroom = self.tolerance + self.interval - (max(self._tat, now) - now)
+        return max(0, math.floor(headroom / self.interval + 1e-9))
+
+    def reset_seconds(self, now: float) -> float:
+        """Seconds until the bucket is full again (for `x-ratelimit-reset-*`)."""
+        return max(0.0, self._tat - now)
 
 
 class FaultInjector:

@@ -2,7 +2,7 @@
 
     A_m = sum_i beta_i * S(A_i, alpha_i)      B_m = sum_i beta_i * B_i      W = W0 + s * B_m @ A_m
 
-for each adapted matrix. S is the engine's operator (`evomerge_sdk.engine.operators`): it keeps the
+for each adapted matrix. S is the engine's operator (`evomerge_sdk.engine._operators`): it keeps the
 `operators.keep_count(alpha_i, A_i.size)` entries of largest magnitude, ties to the lower index. `PoolMerger`
 computes every adapter's `magnitude_order` once, as ranks, so a candidate's masks are one comparison
 (`rank < keep`) and the sums are two tensor contractions; the result equals `merge_lora` exactly up to
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ..engine.operators import check_coefficients, magnitude_order
+from ..engine._operators import check_coefficients, magnitude_order
 from ..errors import ConfigError
 from ._blas import single_threaded_blas
 from .model import ModelWeights

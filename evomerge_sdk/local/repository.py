@@ -55,9 +55,9 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ..errors import ConfigError
+from ..objectives.metrics import Metrics, score_logprobs
 from ._blas import single_threaded_blas
 from .merge import PoolMerger
-from .metrics import Metrics, score_logprobs
 from .model import LORA_MATRICES, LoraAdapter, ModelWeights, bag_embeddings, forward_logits, log_softmax
 from .tasks import Examples, Task, World, build_world
 from .training import AdapterBatch, pretrain_base, train_adapters, uniform_init
@@ -672,7 +672,7 @@ def build_repository(
     `cache_dir` defaults to `default_cache_dir()`; `use_cache=False` neither reads nor writes it. A cache
     file that is corrupt or does not match the config is logged and rebuilt.
     """
-    from ..logs import get_logger
+    from .._logs import get_logger
 
     config = RepositoryConfig() if config is None else config
     if not isinstance(config, RepositoryConfig):

@@ -1,4 +1,4 @@
-"""The embedded merge service: the protocol of DESIGN 3 over the embedded repository, on aiohttp.
+"""The merge service: the protocol of DESIGN 3 over a `MergeBackend` (default: the embedded repository).
 
     async with LocalService() as service:          # 127.0.0.1, a free port; builds (or loads) the repository
         print(service.url)                         # http://127.0.0.1:43127
@@ -23,6 +23,10 @@ body over `max_body_bytes`, 422 malformed vectors or fields (wrong length, NaN/i
 outside [0, 1]), 429 + `Retry-After` over the configured RPM/TPM, 503 + `Retry-After` when `max_sessions`
 sessions are open (a capacity limit of this process, not a rate limit: it clears when an idle session
 expires after `session_ttl` seconds or a client deletes one). A refused request changes nothing.
+
+Status mapping: request checks (`local.sessions`) and backends (`local.backend`) raise domain errors;
+this module alone turns them into statuses (`NotFound` 404, `InvalidField` 422, `MalformedRequest` 400),
+so a second backend (`evomerge-peft`) gets the same routes, validation, auth, caps and errors unchanged.
 
 RPM/TPM limits and fault injection (error rate, latency, dropped connections, ...) come from
 `evomerge_sdk.local.faults` and apply to the billable routes (`/v1/sessions/...`, `/v1/chat/...`); TPM
@@ -49,20 +53,28 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 import attrs
-import numpy as np
 from aiohttp import web
 
 from .._checks import check_number
-from ..errors import ConfigError
-from ..http import AppServer, Handler, Refusal, is_loopback, until_terminated
-from ..logs import get_logger
+from .._logs import get_logger
+from ..errors import ConfigError, UsageError
+from ..http.server import AppServer, Handler, Refusal, is_loopback, until_terminated
+from .backend import (
+    Decoding,
+    Generation,
+    InvalidField,
+    MalformedRequest,
+    MergeBackend,
+    NotFound,
+    ServiceRequestError,
+)
 from .faults import FaultConfig, FaultInjector, ServerLimits, ServerStats, record_served
 from .repository import Repository, RepositoryConfig, build_repository
+from .repository_backend import RepositoryBackend
 from .sessions import (
     EXTENSIONS,
-    Catalog,
-    Decoding,
     Session,
+    describe_preset,
     integer_field,
     parse_decoding,
     parse_examples_indices,
@@ -89,6 +101,31 @@ _EVALUATE_FIELDS = {"alpha", "beta", "tag", "examples"}
 _MATERIALIZE_FIELDS = {"alpha", "beta", "tag"}
 
 
+_STATUS: tuple[tuple[type[ServiceRequestError], int], ...] = (
+    (NotFound, 404),
+    (InvalidField, 422),
+    (MalformedRequest, 400),
+)
+
+
+def _refusal(exc: ServiceRequestError) -> Refusal:
+    """The HTTP answer of a domain error (422 for any other kind: a request the service cannot use)."""
+    status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 422)
+    return Refusal(status, exc.message, exc.kind)
+
+
+def _logprobs(generation: Generation) -> list[dict[str, Any]]:
+    """A generation's tokens as the `/complete` route's `logprobs` list."""
+    return [
+        {
+            "token": g.token,
+            "logprob": g.logprob,
+            "top_logprobs": [{"token": t, "logprob": lp} for t, lp in g.top_logprobs],
+        }
+        for g in generation.tokens
+    ]
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     # Strict JSON: a non-finite number never leaves this server (the work maps them to null).
     return web.Response(
@@ -105,10 +142,11 @@ class _Open:
 
 
 class LocalService(AppServer):
-    """The embedded merge service as an async context manager (127.0.0.1 and a free port by default).
+    """The merge service as an async context manager (127.0.0.1 and a free port by default).
 
-    `repository` (or `repository_config`, default the 110-adapter hub, cached on disk) is what it serves;
-    `pool_sizes` and `pool_seed` make its presets (`Catalog`). `api_key` turns on bearer-token auth;
+    `backend` is what it serves; without one, the embedded repository: `repository` (or
+    `repository_config`, default the 110-adapter hub, cached on disk), whose presets `pool_sizes` and
+    `pool_seed` make (`RepositoryBackend`). `api_key` turns on bearer-token auth;
     `limits` and `faults` are the RPM/TPM enforcement and fault injection of `local.faults`.
     `output_dir` receives materialized merges (default: a fresh temporary folder). `reference_only`
     serves only the reference routes and answer fields, to test clients against the authors' protocol.
@@ -122,6 +160,7 @@ class LocalService(AppServer):
         repository: Repository | None = None,
         *,
         repository_config: RepositoryConfig | None = None,
+        backend: MergeBackend | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         api_key: str | None = None,
@@ -141,6 +180,10 @@ class LocalService(AppServer):
             raise ConfigError(f"repository must be a Repository, got {type(repository).__name__}")
         if repository_config is not None and not isinstance(repository_config, RepositoryConfig):
             raise ConfigError(f"repository_config must be a RepositoryConfig, got {repository_config!r:.60}")
+        if backend is not None and not isinstance(backend, MergeBackend):
+            raise ConfigError(f"backend must be a MergeBackend, got {type(backend).__name__}")
+        if backend is not None and (repository is not None or repository_config is not None):
+            raise ConfigError("give a backend or a repository (or its config), not both")
         if api_key is not None and (not isinstance(api_key, str) or not api_key):
             raise ConfigError("api_key must be a non-empty string or None")
         if not isinstance(host, str) or not host:
@@ -174,6 +217,7 @@ class LocalService(AppServer):
         self.host, self.port = host, port
         self._repository = repository
         self._repository_config = repository_config
+        self.backend: MergeBackend | None = backend
         self._api_key = api_key.encode() if api_key else None
         self.pool_sizes = tuple(int(s) for s in pool_sizes)
         self.pool_seed = int(pool_seed)
@@ -191,7 +235,6 @@ class LocalService(AppServer):
         self.injector = FaultInjector(
             faults, limits, stats=self.stats, token_cost=self._token_cost, paths=_BILLABLE
         )
-        self.catalog: Catalog | None = None
         self._sessions: dict[str, _Open] = {}
 
     def __repr__(self) -> str:  # never the key
@@ -201,10 +244,11 @@ class LocalService(AppServer):
     # -- lifecycle -------------------------------------------------------------------------------
     @property
     def repository(self) -> Repository:
-        """The repository served (available once started)."""
-        if self.catalog is None:
-            raise ConfigError("the service has not started: `async with LocalService(...) as service:`")
-        return self.catalog.repository
+        """The embedded repository served (available once started, when it is the backend)."""
+        backend = self._backend()
+        if not isinstance(backend, RepositoryBackend):
+            raise UsageError(f"this service serves a {type(backend).__name__}, not the embedded repository")
+        return backend.repository
 
     @property
     def open_sessions(self) -> int:
@@ -212,16 +256,19 @@ class LocalService(AppServer):
         return len(self._sessions)
 
     async def __aenter__(self) -> LocalService:
-        repo = self._repository
-        if repo is None:
-            repo = await anyio.to_thread.run_sync(build_repository, self._repository_config)
-        self.catalog = await anyio.to_thread.run_sync(Catalog, repo, self.pool_sizes, self.pool_seed)
+        if self.backend is None:
+            repo = self._repository
+            if repo is None:
+                repo = await anyio.to_thread.run_sync(build_repository, self._repository_config)
+            self.backend = await anyio.to_thread.run_sync(
+                RepositoryBackend, repo, self.pool_sizes, self.pool_seed
+            )
         app = web.Application(
             client_max_size=self.max_body_bytes, middlewares=[self._front, self.injector.middleware]
         )
         self._add_routes(app)
         await self._serve(app)
-        _log.info("local_service_started", url=self.url, presets=len(self.catalog.presets))
+        _log.info("local_service_started", url=self.url, presets=len(self.backend.presets))
         return self
 
     async def __aexit__(
@@ -247,11 +294,18 @@ class LocalService(AppServer):
 
     # -- plumbing --------------------------------------------------------------------------------
     def _wrap(self, handler: Handler) -> Handler:
-        """Refusals become JSON answers inside the fault middleware, so its statistics see them."""
+        """Domain errors become refusals, and refusals JSON answers, inside the fault middleware, so its
+        statistics see them."""
+
+        async def mapped(request: web.Request) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except ServiceRequestError as exc:
+                raise _refusal(exc) from None
 
         @functools.wraps(handler)
         async def run(request: web.Request) -> web.StreamResponse:
-            return await self._respond(request, handler)
+            return await self._respond(request, mapped)
 
         return run
 
@@ -275,18 +329,17 @@ class LocalService(AppServer):
     async def _work(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._workers)
 
-    def _catalog(self) -> Catalog:
-        assert self.catalog is not None
-        return self.catalog
+    def _backend(self) -> MergeBackend:
+        if self.backend is None:
+            raise UsageError("the service has not started: `async with LocalService(...) as service:`")
+        return self.backend
 
     def _session(self, request: web.Request) -> Session:
         sid = request.match_info["session_id"]
         entry = self._sessions.get(sid)
         now = time.monotonic()
         if entry is None or now - entry.last_used > self.session_ttl:
-            raise Refusal(
-                404, f"unknown session {sid!r} (never created, deleted or expired)", "not_found_error"
-            )
+            raise NotFound(f"unknown session {sid!r} (never created, deleted or expired)")
         return entry.session
 
     def _touch(self, session: Session) -> None:
@@ -298,7 +351,7 @@ class LocalService(AppServer):
     def _check_fields(body: dict[str, Any], allowed: set[str]) -> None:
         unknown = sorted(set(body) - allowed)
         if unknown:
-            raise Refusal(422, f"unknown fields {unknown}; this route takes {sorted(allowed)}")
+            raise InvalidField(f"unknown fields {unknown}; this route takes {sorted(allowed)}")
 
     async def _token_cost(self, request: web.Request) -> int:
         """Tokens a billable request will process (its TPM cost); 0 when it will be refused anyway."""
@@ -306,7 +359,7 @@ class LocalService(AppServer):
             body = await self._body(request)
             if request.path.startswith("/v1/chat/"):
                 prompt = prompt_of_messages(body.get("messages"))
-                return len(self._catalog().repository.tokenizer.split(prompt)) + 1
+                return self._backend().prompt_tokens(prompt) + 1
             session = self._session(request)
             if request.path.endswith("/evaluate"):
                 idx = parse_examples_indices(body.get("examples"), session.n_examples)
@@ -314,8 +367,8 @@ class LocalService(AppServer):
             if request.path.endswith("/complete"):
                 given = body.get("prompt")
                 text = given if isinstance(given, str) else prompt_of_messages(body.get("messages"))
-                return len(self._catalog().repository.tokenizer.split(text)) + 1
-        except (Refusal, web.HTTPException, TypeError, ValueError):
+                return self._backend().prompt_tokens(text) + 1
+        except (Refusal, ServiceRequestError, web.HTTPException, TypeError, ValueError):
             return 0
         return 0
 
@@ -323,21 +376,22 @@ class LocalService(AppServer):
     async def _health(self, request: web.Request) -> web.Response:
         if self.reference_only:
             return _json({"status": "ok"})
-        catalog = self._catalog()
         return _json(
             {
                 "status": "ok",
                 "service": "evomerge-sdk embedded merge service",
                 "extensions": list(self.extensions),
-                "revision": catalog.revision,
+                "revision": self._backend().revision,
                 "auth": self._api_key is not None,
             }
         )
 
     async def _presets(self, request: web.Request) -> web.Response:
-        catalog = self._catalog()
+        backend = self._backend()
         ext = not self.reference_only
-        return _json({"items": [catalog.describe(p, extensions=ext) for p in catalog.presets.values()]})
+        return _json(
+            {"items": [describe_preset(backend, p, extensions=ext) for p in backend.presets.values()]}
+        )
 
     def _expire(self, now: float) -> None:
         stale = [sid for sid, e in self._sessions.items() if now - e.last_used > self.session_ttl]
@@ -349,7 +403,7 @@ class LocalService(AppServer):
         self._check_fields(body, {"preset_id", "model_name_or_path", "query_plus"})
         sid = "sess_" + secrets.token_hex(12)
         session = parse_session_request(
-            self._catalog(),
+            self._backend(),
             body,
             sid,
             max_inline_examples=self.max_inline_examples,
@@ -373,7 +427,7 @@ class LocalService(AppServer):
         )
         answer = session.describe(extensions=not self.reference_only)
         if not self.reference_only:
-            answer["revision"] = self._catalog().revision
+            answer["revision"] = self._backend().revision
         return _json(answer)
 
     async def _evaluate(self, request: web.Request) -> web.Response:
@@ -385,10 +439,13 @@ class LocalService(AppServer):
         tag = tag_of(body)
         idx = parse_examples_indices(body.get("examples"), session.n_examples)
         self._touch(session)
-        result = await self._work(self._catalog().evaluate, session, alpha, beta, idx)
-        record_served(request, result["usage"]["input_tokens"], 0)
+        examples = session.examples if idx is None else session.examples.subset(idx)
+        ev = await self._work(self._backend().evaluate, session.preset, alpha, beta, examples)
+        record_served(request, ev.input_tokens, 0)
+        loss = ev.loss if math.isfinite(ev.loss) else None
         if self.reference_only:
-            return _json({"loss": result["loss"], "tag": tag})
+            return _json({"loss": loss, "tag": tag})
+        result = {"loss": loss, **ev.metrics, "n_examples": ev.n_examples, "usage": usage(ev.input_tokens, 0)}
         return _json({**result, "tag": tag, "session_id": session.session_id})
 
     async def _materialize(self, request: web.Request) -> web.Response:
@@ -400,7 +457,7 @@ class LocalService(AppServer):
         self._touch(session)
         if self._output_dir is None:
             self._output_dir = Path(tempfile.mkdtemp(prefix="evomerge-materialized-"))
-        result = await self._work(self._catalog().materialize, session, alpha, beta, self._output_dir)
+        result = await self._work(self._backend().materialize, session.preset, alpha, beta, self._output_dir)
         record_served(request, 0, 0)
         if self.reference_only:
             return _json({"path": result["path"], "adapter_name": result["adapter_name"], "tag": tag})
@@ -426,36 +483,26 @@ class LocalService(AppServer):
         elif body.get("prompt") is None and body.get("messages") is not None:
             try:
                 prompt = prompt_of_messages(body["messages"])
-            except Refusal as exc:
-                raise Refusal(422, exc.message) from None
+            except MalformedRequest as exc:
+                raise InvalidField(exc.message) from None
         else:
-            raise Refusal(422, "give prompt (a string) or messages (a chat)")
+            raise InvalidField("give prompt (a string) or messages (a chat)")
         integer_field(body, "max_tokens", None, low=1)
         decoding = parse_decoding(body, session.decoding)
         top = parse_top_logprobs(body)
         seed = request_seed(body)
         self._touch(session)
 
-        def work() -> dict[str, Any]:
-            catalog = self._catalog()
-            with np.errstate(all="ignore"):
-                weights = catalog.merger(session.preset).merge(alpha, beta)
-            return catalog.next_token(weights, prompt, decoding, top, seed)
-
-        out = await self._work(work)
-        record_served(request, out["prompt_tokens"], 1)
+        out = await self._work(
+            self._backend().complete, session.preset, alpha, beta, prompt, decoding, top, seed
+        )
+        record_served(request, out.prompt_tokens, len(out.tokens))
         return _json(
             {
-                "text": out["text"],
+                "text": out.text,
                 "finish_reason": "stop",
-                "logprobs": [
-                    {
-                        "token": out["token"],
-                        "logprob": out["logprob"],
-                        "top_logprobs": [{"token": t, "logprob": lp} for t, lp in out["top_logprobs"]],
-                    }
-                ],
-                "usage": usage(out["prompt_tokens"], 1),
+                "logprobs": _logprobs(out),
+                "usage": usage(out.prompt_tokens, len(out.tokens)),
                 "tag": tag_of(body),
             }
         )
@@ -463,8 +510,10 @@ class LocalService(AppServer):
     async def _chat(self, request: web.Request) -> web.Response:
         try:
             return await self._chat_answer(request)
+        except InvalidField as exc:  # OpenAI answers malformed requests with 400
+            raise MalformedRequest(exc.message, exc.kind) from None
         except Refusal as exc:
-            if exc.status == 422:  # OpenAI answers malformed requests with 400
+            if exc.status == 422:
                 raise Refusal(400, exc.message, exc.kind) from None
             raise
 
@@ -474,9 +523,15 @@ class LocalService(AppServer):
             raise Refusal(400, "stream=true is not supported: this service returns whole completions")
         if body.get("n", 1) != 1:
             raise Refusal(400, "n must be 1")
-        catalog = self._catalog()
+        backend = self._backend()
         model = body.get("model")
-        weights = catalog.model(model)
+        if not isinstance(model, str) or not model:
+            raise MalformedRequest("model must be a non-empty string")
+        if model not in backend.chat_models():
+            raise NotFound(
+                f"The model {model!r} does not exist: use {backend.base_model!r} or an adapter name",
+                "model_not_found",
+            )
         prompt = prompt_of_messages(body.get("messages"))
         integer_field(body, "max_tokens", None, low=1)
         integer_field(body, "max_completion_tokens", None, low=1)
@@ -488,12 +543,12 @@ class LocalService(AppServer):
             raise Refusal(400, "top_logprobs needs logprobs=true")
         decoding = parse_decoding({k: body.get(k) for k in ("temperature", "top_p")}, Decoding())
         seed = request_seed(body)
-        out = await self._work(catalog.next_token, weights, prompt, decoding, top, seed)
-        prompt_tokens = out["prompt_tokens"]
-        record_served(request, prompt_tokens, 1)
+        out = await self._work(backend.chat, model, prompt, decoding, top, seed)
+        prompt_tokens, completion_tokens = out.prompt_tokens, len(out.tokens)
+        record_served(request, prompt_tokens, completion_tokens)
         choice: dict[str, Any] = {
             "index": 0,
-            "message": {"role": "assistant", "content": out["text"]},
+            "message": {"role": "assistant", "content": out.text},
             "finish_reason": "stop",
             "logprobs": None,
         }
@@ -501,14 +556,14 @@ class LocalService(AppServer):
             choice["logprobs"] = {
                 "content": [
                     {
-                        "token": out["token"],
-                        "logprob": out["logprob"],
-                        "bytes": list(out["token"].encode()),
+                        "token": g.token,
+                        "logprob": g.logprob,
+                        "bytes": list(g.token.encode()),
                         "top_logprobs": [
-                            {"token": t, "logprob": lp, "bytes": list(t.encode())}
-                            for t, lp in out["top_logprobs"]
+                            {"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in g.top_logprobs
                         ],
                     }
+                    for g in out.tokens
                 ]
             }
         digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -518,19 +573,19 @@ class LocalService(AppServer):
                 "object": "chat.completion",
                 "created": 0,
                 "model": model,
-                "system_fingerprint": f"evomerge-local-{catalog.revision}",
+                "system_fingerprint": f"evomerge-local-{backend.revision}",
                 "choices": [choice],
                 "usage": {
                     "prompt_tokens": prompt_tokens,
-                    "completion_tokens": 1,
-                    "total_tokens": prompt_tokens + 1,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
                     "prompt_tokens_details": {"cached_tokens": 0},
                 },
             }
         )
 
     async def _models(self, request: web.Request) -> web.Response:
-        names = self._catalog().chat_models()
+        names = self._backend().chat_models()
         return _json(
             {
                 "object": "list",
@@ -547,11 +602,11 @@ class LocalService(AppServer):
 async def serve(service: LocalService, *, announce: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Run `service` until SIGINT/SIGTERM; `announce` receives {"url", "presets", ...} once it listens."""
     async with service:
-        catalog = service._catalog()
+        backend = service._backend()
         info = {
             "url": service.url,
-            "presets": len(catalog.presets),
-            "adapters": len(catalog.repository.adapter_names),
+            "presets": len(backend.presets),
+            "adapters": len({name for preset in backend.presets.values() for name in preset.adapters}),
             "auth": service._api_key is not None,
             "reference_only": service.reference_only,
         }

@@ -108,6 +108,12 @@ class Examples:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    @property
+    def tokens(self) -> IntArray:
+        """Tokens scoring each example reads: its prompt and the gold answer token (teacher-forced)."""
+        out: IntArray = (self.lengths + 1).astype(np.int64)
+        return out
+
     def subset(self, index: slice | IntArray) -> Examples:
         """The examples at `index` (a slice or an integer array)."""
         sel = np.arange(len(self))[index]

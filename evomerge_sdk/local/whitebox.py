@@ -24,7 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..errors import ConfigError
-from .metrics import Metrics
+from ..objectives.metrics import Metrics
 from .model import ModelWeights
 from .repository import Repository
 from .tasks import Examples

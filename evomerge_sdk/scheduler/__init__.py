@@ -9,13 +9,13 @@ budget, limits, retries, cache and metrics. See `core` for the order of work and
 
 from __future__ import annotations
 
-from .budget import DEFAULT_PRICES, PRICES_AS_OF, Budget, BudgetLedger, ModelPrice, Price, PriceTable, Spend
-from .cache import CachedValue, ResponseCache, cache_key, chat_cache_key
-from .core import CallResult, Outcome, Scheduler
-from .limiter import Gcra, RateLimiter, RateSchedule
-from .metrics import MetricsSnapshot, redact
-from .retry import RetryPolicy
-from .tokens import BYTES_ESTIMATE, TokenCounter, default_encoding_for, load_encoding
+from ._budget import DEFAULT_PRICES, PRICES_AS_OF, Budget, BudgetLedger, ModelPrice, Price, PriceTable, Spend
+from ._cache import CachedValue, ResponseCache, cache_key, chat_cache_key
+from ._core import CallResult, Outcome, Scheduler
+from ._limiter import RateLimiter, RateSchedule
+from ._metrics import MetricsSnapshot, redact
+from ._retry import RetryPolicy
+from ._tokens import BYTES_ESTIMATE, TokenCounter, default_encoding_for, load_encoding
 
 __all__ = [
     "BYTES_ESTIMATE",
@@ -25,7 +25,6 @@ __all__ = [
     "BudgetLedger",
     "CachedValue",
     "CallResult",
-    "Gcra",
     "MetricsSnapshot",
     "ModelPrice",
     "Outcome",

@@ -1,0 +1,7 @@
+"""`python -m evomerge_sdk.cli`: the `evomerge` command without the console script."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,393 @@
+"""The HTTP client every provider shares: session lifetime, failure mapping, rate-limit headers.
+
+Adapters (and the merge-service client) build on `HTTPClient` so each provider module only translates its
+own wire format; every status and transport failure maps onto `evomerge_sdk.errors` here, in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import math
+import re
+import ssl
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import aiohttp
+import attrs
+from yarl import URL
+
+from .._logs import get_logger
+from ..errors import (
+    AuthenticationError,
+    BadResponse,
+    ConfigError,
+    ConnectionFailed,
+    InvalidRequest,
+    ProviderError,
+    RateLimited,
+    RequestTimeout,
+    ServerError,
+    UsageError,
+)
+from ..providers import RateLimitInfo
+
+log = get_logger(__name__)
+
+# (limit, remaining, seconds until reset) of one rate-limit window, as the headers reported it.
+Window = tuple[int | None, int | None, float | None]
+
+_Owner = TypeVar("_Owner", bound="SessionOwner")
+
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+"""Answers longer than this are refused (`BadResponse`) instead of read into memory whole: a chat or
+merge-service answer is kilobytes, so this only stops a broken or hostile server."""
+
+
+@attrs.frozen
+class HTTPAnswer:
+    """One HTTP answer, read whole."""
+
+    status: int
+    headers: Mapping[str, str]
+    text: str
+
+
+def check_headers(headers: Mapping[str, str] | None, what: str = "headers") -> dict[str, str]:
+    """`headers` as a dict of printable strings (the values aiohttp can send); ConfigError otherwise."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise ConfigError(f"{what} must be a mapping of names to values, got {type(headers).__name__}")
+    for name, value in headers.items():
+        if not all(isinstance(s, str) and s.isprintable() for s in (name, value)):
+            raise ConfigError(f"{what}: {name!r} must name a string value without control characters")
+    return dict(headers)
+
+
+def check_base_url(url: str, what: str) -> str:
+    """`url` without a trailing slash; a `ConfigError` unless it is an absolute http(s) URL."""
+    if not isinstance(url, str):
+        raise ConfigError(f"{what} must be a URL string, got {type(url).__name__}")
+    parsed = URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigError(f"{what} must be an absolute http(s) URL, got {url!r}")
+    return url.rstrip("/")
+
+
+def _ssl_setting(verify_tls: bool | ssl.SSLContext) -> bool | ssl.SSLContext:
+    if isinstance(verify_tls, (bool, ssl.SSLContext)):
+        return verify_tls
+    raise ConfigError(f"verify_tls must be True, False or an ssl.SSLContext, got {verify_tls!r}")
+
+
+class HTTPClient:
+    """Posts JSON through one aiohttp session and maps every transport failure onto the SDK's errors.
+
+    The session is created on first use (inside the running loop) and closed by `aclose`, unless the
+    caller passed their own, which stays theirs. `secrets` are scrubbed from every error text and log.
+    """
+
+    def __init__(
+        self,
+        *,
+        provider: str,
+        timeout: float,
+        verify_tls: bool | ssl.SSLContext,
+        session: aiohttp.ClientSession | None,
+        secrets: Sequence[str],
+    ) -> None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.provider = provider
+        self.timeout = float(timeout)
+        self._ssl = _ssl_setting(verify_tls)
+        self._session = session
+        self._owned = session is None
+        self._closed = False
+        for secret in secrets:
+            # Never echo the value: it is a credential.
+            if secret is not None and not isinstance(secret, str):
+                raise ConfigError(f"an API key must be a string, got {type(secret).__name__}")
+            if secret and not secret.isprintable():
+                raise ConfigError("an API key must be printable text (no line breaks or control characters)")
+        self._secrets = tuple(s for s in secrets if s)
+        self.max_answer_bytes = MAX_ANSWER_BYTES
+
+    def redact(self, text: str) -> str:
+        """`text` with every secret replaced by '***'."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    async def exchange(
+        self,
+        url: str,
+        body: Mapping[str, Any],
+        headers: Mapping[str, str],
+        params: Mapping[str, str],
+        *,
+        rate_limits: Callable[[Mapping[str, str]], RateLimitInfo | None],
+        final_429: Callable[[Mapping[str, Any]], bool],
+    ) -> tuple[Any, RateLimitInfo | None]:
+        """POST `body` as JSON; the parsed answer and its rate limits, or the SDK error for the failure.
+
+        `rate_limits` reads the API's rate-limit headers; `final_429` tells, from the error object, a 429
+        that waiting cannot fix (a spend limit, an exhausted quota) from a rate limit.
+        """
+        if body.get("stream"):
+            raise ConfigError("stream=True is not supported: a provider returns whole completions")
+        try:
+            data = json.dumps(body, allow_nan=False, ensure_ascii=False).encode()
+        except UnicodeEncodeError as exc:
+            raise ConfigError(f"the request holds text that is not valid Unicode: {exc}") from exc
+        except ValueError as exc:
+            raise ConfigError(f"the request holds a non-finite number: {exc}") from exc
+        answer = await self._send(
+            "POST", url, {**headers, "Content-Type": "application/json"}, params=params, data=data
+        )
+        return self._answer(answer, rate_limits, final_429), rate_limits(answer.headers)
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        *,
+        rate_limits: Callable[[Mapping[str, str]], RateLimitInfo | None],
+    ) -> Any:
+        """Send a body-less request (GET, DELETE); the parsed JSON answer, or the SDK error for it."""
+        return self._answer(await self._send(method, url, headers), rate_limits, lambda error: False)
+
+    def _answer(
+        self,
+        answer: HTTPAnswer,
+        rate_limits: Callable[[Mapping[str, str]], RateLimitInfo | None],
+        final_429: Callable[[Mapping[str, Any]], bool],
+    ) -> Any:
+        if 200 <= answer.status < 300:
+            return self._parse_json(answer)
+        try:
+            data = json.loads(answer.text)
+        except ValueError:
+            data = None
+        # {"error": {"type", "message", ...}} (OpenAI, Anthropic, llama.cpp, Ollama), or bare (old vLLM).
+        error = data.get("error", data) if isinstance(data, dict) else None
+        error = error if isinstance(error, dict) else {}
+        parts = [error.get("type"), error.get("message")]
+        message = ": ".join(p for p in parts if isinstance(p, str)) or answer.text[:200] or "(empty body)"
+        never_retry = answer.status == 429 and final_429(error)
+        raise self._error(answer, message, rate_limits(answer.headers), never_retry=never_retry)
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        *,
+        params: Mapping[str, str] | None = None,
+        data: bytes | None = None,
+    ) -> HTTPAnswer:
+        if self._closed:
+            raise UsageError(f"the {self.provider} provider is closed")
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        try:
+            async with self._session.request(
+                method,
+                url,
+                data=data,
+                headers={**headers, "Accept": "application/json"},
+                params=params,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                ssl=self._ssl,
+                allow_redirects=False,
+            ) as resp:
+                status, resp_headers, raw = resp.status, resp.headers, await self.read_capped(resp)
+        except asyncio.TimeoutError as exc:
+            # Checked first: aiohttp's timeout errors are also connection errors.
+            raise self._transport_failure(
+                RequestTimeout, f"no complete answer within {self.timeout:g} s", exc
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise self._transport_failure(ConnectionFailed, f"{type(exc).__name__}: {exc}", exc) from exc
+        try:
+            # Lenient on error answers, whose status matters more than their text.
+            text = raw.decode("utf-8", errors="strict" if status < 300 else "replace")
+        except UnicodeDecodeError as exc:
+            raise BadResponse(f"{self.provider}: answer is not UTF-8 ({exc})", status=status) from exc
+        return HTTPAnswer(status, resp_headers, text)
+
+    async def read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The whole answer body; `BadResponse` once it passes `max_answer_bytes` (never buffered whole)."""
+        limit = self.max_answer_bytes
+        if resp.content_length is not None and resp.content_length > limit:
+            raise self._too_long(resp.status, limit)
+        chunks, size = [], 0
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > limit:
+                raise self._too_long(resp.status, limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_long(self, status: int, limit: int) -> BadResponse:
+        return BadResponse(f"{self.provider}: answer is longer than {limit} bytes; refused", status=status)
+
+    def _parse_json(self, answer: HTTPAnswer) -> Any:
+        try:
+            return json.loads(answer.text)
+        except ValueError as exc:
+            excerpt = self.redact(answer.text[:120])
+            raise BadResponse(
+                f"{self.provider}: answer is not JSON: {excerpt!r}", status=answer.status
+            ) from exc
+
+    def _transport_failure(self, kind: type[ProviderError], detail: str, exc: BaseException) -> ProviderError:
+        log.debug("provider.transport_error", provider=self.provider, error=type(exc).__name__)
+        return kind(self.redact(f"{self.provider}: {detail}"))
+
+    def _error(
+        self, answer: HTTPAnswer, message: str, rate_limits: RateLimitInfo | None, *, never_retry: bool
+    ) -> ProviderError:
+        status = answer.status
+        text = self.redact(f"{self.provider} answered {status}: {message}")
+        # Anthropic (and OpenAI) send `x-should-retry: false` when a retry cannot succeed.
+        never_retry = never_retry or answer.headers.get("x-should-retry") == "false"
+        err: ProviderError
+        if status == 429 and not never_retry:
+            err = RateLimited(text, retry_after=retry_after_seconds(answer.headers))
+        elif status == 429:
+            err = InvalidRequest(f"{text} (a spend limit or quota: not retried)", status=status)
+        elif status in (401, 403):
+            err = AuthenticationError(text, status=status)
+        elif status == 408:
+            err = RequestTimeout(text, status=status)
+        elif status >= 500:
+            err = ServerError(text, status=status)
+        elif status >= 400:
+            err = InvalidRequest(text, status=status)
+        else:
+            err = BadResponse(f"{text} (unexpected status)", status=status)
+        err.rate_limits = rate_limits
+        log.debug("provider.error", provider=self.provider, status=status, error=type(err).__name__)
+        return err
+
+    async def aclose(self) -> None:
+        """Close the session if this client created it; later posts raise a `ConfigError`."""
+        self._closed = True
+        if self._owned and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+
+class SessionOwner:
+    """An async context manager around an `HTTPClient`: `async with Provider(...) as p:` closes it."""
+
+    _http: HTTPClient
+
+    async def aclose(self) -> None:
+        """Release connections; the provider is not used afterwards."""
+        await self._http.aclose()
+
+    async def __aenter__(self: _Owner) -> _Owner:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+def retry_after_seconds(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """The server's wait hint: `retry-after-ms`, else `Retry-After` as seconds or an HTTP-date."""
+    millis = _non_negative(headers.get("retry-after-ms"))
+    if millis is not None:
+        return millis / 1000.0
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    seconds = _non_negative(value)
+    if seconds is not None:
+        return seconds
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _non_negative(value: str | None) -> float | None:
+    try:
+        number = float(value) if value is not None else math.nan
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def header_int(headers: Mapping[str, str], name: str) -> int | None:
+    """An integer header, or None when absent or not an integer."""
+    value = headers.get(name)
+    if value is None or not re.fullmatch(r"\s*\d+\s*", value):
+        return None
+    return int(value)
+
+
+def tightest(windows: Sequence[Window]) -> Window | None:
+    """The most depleted reported window (lowest remaining/limit; the later reset on ties)."""
+    known = [w for w in windows if w != (None, None, None)]
+
+    def depletion(w: Window) -> tuple[float, float]:
+        limit, remaining, reset = w
+        share = remaining / limit if limit and remaining is not None else 1.0
+        return share, -(reset or 0.0)
+
+    return min(known, key=depletion) if known else None
+
+
+def rate_limit_info(requests: Window, tokens: Window) -> RateLimitInfo | None:
+    """One `RateLimitInfo` from the request and token windows; reset is the tightest window's."""
+    binding = tightest([requests, tokens])
+    if binding is None:
+        return None
+    return RateLimitInfo(
+        requests_limit=requests[0],
+        requests_remaining=requests[1],
+        tokens_limit=tokens[0],
+        tokens_remaining=tokens[1],
+        reset_seconds=binding[2],
+    )
+
+
+# "6m0s", "1h2m3.5s", "20ms", "0.5s": the Go-style durations of OpenAI's x-ratelimit-reset-* headers.
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Seconds in an `x-ratelimit-reset-*` value ("6m0s", "20ms", or plain seconds); None if unreadable."""
+    text = (text or "").strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return float(text)
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            return None
+        total += float(match.group(1)) * _DURATION_UNIT[match.group(2)]
+        pos = match.end()
+    return total if pos == len(text) and pos > 0 else None
+
+
+def parse_openai_rate_limits(headers: Mapping[str, str]) -> RateLimitInfo | None:
+    """OpenAI's `x-ratelimit-*` headers (also sent by vLLM, Azure and the SDK's own servers) as a
+    `RateLimitInfo`; None when the server sent none."""
+
+    def window(unit: str) -> Window:
+        return (
+            header_int(headers, f"x-ratelimit-limit-{unit}"),
+            header_int(headers, f"x-ratelimit-remaining-{unit}"),
+            parse_duration(headers.get(f"x-ratelimit-reset-{unit}")),
+        )
+
+    return rate_limit_info(window("requests"), window("tokens"))

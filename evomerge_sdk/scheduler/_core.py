@@ -1,0 +1,604 @@
+"""The query scheduler: every call to a model API goes through `Scheduler.call` (or `complete`).
+
+Order of work for one call (each step is skipped when it is not configured):
+
+1. cache: a hit (memory, then the SQLite file) returns at once and costs nothing;
+2. de-duplication: an identical call already in flight is awaited instead of sent again;
+3. budget: the worst case is reserved (waiting while calls in flight hold the room; `BudgetExceeded`
+   when even a settled budget cannot cover it);
+4. concurrency slot, then the RPM/TPM limiter (in that order, so queued calls cannot burst when a slot
+   frees);
+5. the attempt, under the per-request timeout; the reservation is then settled to the actual usage;
+6. on a retryable error: settle the reservation (release it when the API refused before doing work,
+   charge it in full when the outcome is unknown), back off outside the slot, and go to 3.
+
+Cancellation at any point releases (or, once sent, charges) the reservation and frees the slot; the
+scheduler starts no background task, so a cancelled caller leaves nothing behind.
+
+A USD budget needs every model's price before the run starts: pass `models=[...]` to the constructor;
+each is priced there (ConfigError for a model with no price), and calls for other models are refused
+at once. Without a USD budget, `models` is optional (when given, it still restricts the calls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
+from functools import partial
+from types import TracebackType
+from typing import Any
+
+import anyio
+import attrs
+import structlog
+
+from .._checks import check_number, is_int
+from .._logs import get_logger
+from ..errors import (
+    AuthenticationError,
+    BadResponse,
+    BudgetExceeded,
+    ConfigError,
+    InvalidRequest,
+    RateLimited,
+    RequestTimeout,
+    ServerError,
+    UsageError,
+)
+from ..providers import ChatRequest, Completion, Provider, RateLimitInfo, TokenLogprob, Usage
+from ._budget import Budget, BudgetLedger, ModelPrice, Price, PriceTable, Spend, bind_prices
+from ._cache import CachedValue, ResponseCache, chat_cache_key
+from ._limiter import RateLimiter
+from ._metrics import Metrics, MetricsSnapshot, redact
+from ._retry import RetryPolicy
+from ._tokens import TokenCounter
+
+__all__ = ["CallResult", "Outcome", "Scheduler"]
+
+_DEFAULT_LOG = get_logger("evomerge_sdk.scheduler")
+
+# Errors after which the API did no billable work: the reservation is released, not charged. A
+# ConfigError is the SDK refusing the request (an unsendable body, a closed provider) before it is sent.
+_NOT_SERVED = (RateLimited, ServerError, AuthenticationError, InvalidRequest, ConfigError)
+
+
+@attrs.frozen
+class Outcome:
+    """What a `call` function returns: a JSON-serialisable value, its usage, the API's rate-limit info."""
+
+    value: Any
+    usage: Usage
+    rate_limits: RateLimitInfo | None = None
+
+
+@attrs.frozen
+class CallResult:
+    """A call's result. `cached` is true for cache and de-duplication hits (then `attempts` is 0)."""
+
+    value: Any
+    usage: Usage
+    cached: bool
+    attempts: int
+
+
+CallFn = Callable[[], Awaitable["Outcome | tuple[Any, Usage]"]]
+
+
+class _Flight:
+    """One call in flight that identical calls wait for (the event exists only once someone waits)."""
+
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done: anyio.Event | None = None
+        self.result: CallResult | None = None
+        self.error: Exception | None = None
+
+
+class Scheduler:
+    """Concurrency, RPM/TPM limits, a hard token/USD budget, retries, a response cache and metrics.
+
+    Use it as `async with Scheduler(...) as s:`; then `await s.complete(provider, request)` for chat
+    calls, or `await s.call(fn, model=..., reserve=...)` for any other billable call.
+
+    Arguments (all checked here, so a bad setting fails before the run):
+    - `max_concurrency`: calls in flight at once.
+    - `rpm`, `tpm`: requests and tokens per minute (None: none). The limiter also adopts lower limits the
+      API reports; `limits_per_model=True` keeps one limiter per model (OpenAI limits are per model).
+    - `budget`: `Budget(tokens=..., usd=...)`, a hard cap; `models`: the models this scheduler will
+      serve, required with a USD budget so each is priced up front; `prices` overrides `DEFAULT_PRICES`.
+    - `retry`: a `RetryPolicy`; `timeout`: seconds per attempt (None: no timeout).
+    - `cache`: True (memory), False (none), a file path (memory + SQLite) or a `ResponseCache`.
+    - `tokens`: the `TokenCounter` (encodings per model, offline estimate).
+    - `log_prompts`: put prompts in the per-request debug events (off: events carry sizes only).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_concurrency: int = 64,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        limits_per_model: bool = False,
+        budget: Budget | None = None,
+        models: Iterable[str] | None = None,
+        prices: Mapping[str, Price] | PriceTable | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = 60.0,
+        cache: bool | str | os.PathLike[str] | ResponseCache = True,
+        tokens: TokenCounter | None = None,
+        log_prompts: bool = False,
+        logger: Any = None,
+    ) -> None:
+        check_number("max_concurrency", max_concurrency, integer=True)
+        check_number("timeout", timeout, allow_none=True, unit="seconds")
+        if budget is not None and not isinstance(budget, Budget):
+            raise ConfigError(f"budget must be a Budget(tokens=..., usd=...) or None, got {budget!r}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigError(f"retry must be a RetryPolicy, got {retry!r}")
+        self._limiter = RateLimiter(rpm, tpm)  # validates rpm/tpm
+        self._limits = (self._limiter.rpm, self._limiter.tpm)
+        if not isinstance(limits_per_model, bool):
+            raise ConfigError(f"limits_per_model must be True or False, got {limits_per_model!r}")
+        self._per_model = limits_per_model
+        self._limiters: dict[str, RateLimiter] = {}
+        self._table = prices if isinstance(prices, PriceTable) else PriceTable(prices)
+        need_usd = budget is not None and budget.usd is not None
+        if models is not None and (isinstance(models, str) or not isinstance(models, Iterable)):
+            raise ConfigError(f"models must be a list of model names, got {models!r:.80}")
+        declared = list(models) if models is not None else None
+        if need_usd and not declared:
+            raise ConfigError(
+                "a USD budget needs models=[...]: every model is priced when the scheduler is built, "
+                "so a missing price fails now and not in the middle of a run"
+            )
+        self._declared = declared is not None
+        self._prices: dict[str, ModelPrice] = bind_prices(declared or (), self._table, required=need_usd)
+        self._ledger = BudgetLedger(budget)
+        self._retry = retry or RetryPolicy()
+        self._rng = self._retry.rng()
+        self._timeout = timeout
+        # fast_acquire: no await when a slot is free; waiters queue on plain futures (cheap when contended)
+        self._slots = anyio.Semaphore(max_concurrency, fast_acquire=True)
+        self.max_concurrency = max_concurrency
+        if cache is True:
+            self._cache: ResponseCache | None = ResponseCache()
+        elif cache is False:
+            self._cache = None
+        elif isinstance(cache, ResponseCache):
+            self._cache = cache
+        elif isinstance(cache, (str, os.PathLike)):
+            self._cache = ResponseCache(cache)
+        else:
+            raise ConfigError(f"cache must be True, False, a file path or a ResponseCache, got {cache!r}")
+        if tokens is not None and not isinstance(tokens, TokenCounter):
+            raise ConfigError(f"tokens must be a TokenCounter, got {tokens!r}")
+        self._tokens = tokens or TokenCounter()
+        self._log_prompts = bool(log_prompts)
+        self._log = logger if logger is not None else _DEFAULT_LOG
+        self._metrics = Metrics()
+        self._inflight: dict[str, _Flight] = {}
+        self._open = False
+        self._native_timeout: Callable[[float], AbstractAsyncContextManager[Any]] | None = None
+        self._debug = True
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Scheduler:
+        if self._open:
+            raise UsageError("this Scheduler is already open")
+        if self._cache is not None:
+            await self._cache.open()
+        self._native_timeout = _native_timeout()
+        self._debug = _debug_enabled(self._log)
+        self._open = True
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._open = False
+        if self._cache is not None:
+            await self._cache.aclose()
+        m = self._metrics
+        self._log.info("scheduler_closed", requests=m.requests, cache_hits=m.cache_hits, failed=m.failed)
+
+    # -- public state ------------------------------------------------------------------------------
+
+    @property
+    def cache(self) -> ResponseCache | None:
+        """The response cache, or None when caching is off."""
+        return self._cache
+
+    @property
+    def tokens(self) -> TokenCounter:
+        """The token counter used for reservations."""
+        return self._tokens
+
+    def spent(self) -> Spend:
+        """Spend so far (settled, plus what calls in flight have reserved)."""
+        return self._ledger.spend()
+
+    def metrics(self) -> MetricsSnapshot:
+        """Counters and latency percentiles so far."""
+        return self._metrics.snapshot()
+
+    def limiter(self, model: str | None = None) -> RateLimiter:
+        """The rate limiter that governs `model` (the shared one unless `limits_per_model`)."""
+        if not self._per_model or model is None:
+            return self._limiter
+        lim = self._limiters.get(model)
+        if lim is None:
+            lim = self._limiters[model] = RateLimiter(*self._limits)
+        return lim
+
+    def set_rate_limits(self, *, rpm: float | None, tpm: float | None) -> None:
+        """Change the RPM/TPM ceilings at run time (every limiter of this scheduler)."""
+        self._limiter.set_limits(rpm=rpm, tpm=tpm)
+        self._limits = (self._limiter.rpm, self._limiter.tpm)
+        for lim in self._limiters.values():
+            lim.set_limits(rpm=rpm, tpm=tpm)
+
+    async def flush(self) -> None:
+        """Wait until every cached result so far is on disk (call it when writing a checkpoint)."""
+        if self._cache is not None:
+            await self._cache.flush()
+
+    def price(self, model: str) -> ModelPrice:
+        """The price bound to `model` (ConfigError for a model this scheduler was not built for)."""
+        if not isinstance(model, str) or not model:
+            raise ConfigError(f"model must be a non-empty string, got {model!r}")
+        p = self._prices.get(model)
+        if p is None:
+            if self._declared:
+                raise ConfigError(
+                    f"model {model!r} is not among the models this scheduler was built for "
+                    f"({sorted(self._prices)}); add it to models=[...]"
+                )
+            p = self._prices[model] = ModelPrice.of(model, self._table.get(model))
+        return p
+
+    # -- calls -------------------------------------------------------------------------------------
+
+    async def complete(self, provider: Provider, request: ChatRequest, *, cache: bool = True) -> Completion:
+        """Send a chat request through the scheduler; `cache=False` skips the cache and de-duplication.
+
+        The cache key is the provider's name plus the request's canonical JSON, so a cached answer is
+        reused for an identical request whatever its temperature: pass `cache=False` to sample anew.
+        """
+        if not callable(getattr(provider, "complete", None)):
+            raise ConfigError(f"provider must be a Provider (with a complete method), got {provider!r:.60}")
+        if not isinstance(request, ChatRequest):
+            raise ConfigError(f"request must be a ChatRequest, got {type(request).__name__}")
+        price = self.price(request.model)
+        key = chat_cache_key(provider.name, request) if cache else None
+
+        async def worst() -> Usage:
+            return Usage(await self._tokens.acount_request(request), request.max_tokens)
+
+        debug = {"prompt": [[m.role, m.content] for m in request.messages]} if self._log_prompts else None
+        send = partial(provider.complete, request)  # no wrapper coroutine: one frame less per resume
+        if self._ledger.limited or self.limiter(price.model).tpm is not None:
+            result, live = await self._run(send, _chat_outcome, price, worst, key, "chat", debug)
+        else:  # nothing is limited by tokens: no need to count the prompt
+            reserve = Usage(0, request.max_tokens)
+            result, live = await self._run(send, _chat_outcome, price, reserve, key, "chat", debug)
+        if isinstance(live, Completion):
+            return live  # sent by this call: keep its rate-limit info
+        return _completion_from_json(result.value, result.usage)
+
+    async def call(
+        self,
+        fn: CallFn,
+        *,
+        model: str,
+        reserve: Usage,
+        cache_key: str | None = None,
+        label: str = "call",
+    ) -> CallResult:
+        """Run one billable call `fn` under the budget, limits, retries, cache and metrics.
+
+        `fn()` performs the call and returns an `Outcome` (or `(value, usage)`), raising the SDK's
+        `ProviderError` types on failure (only `RetryableError`s are retried). `reserve` is its worst
+        case (input tokens, maximum output tokens), which must bound the usage it reports for the
+        budget to be hard. `value` must be JSON-serialisable when a cache file is used. With
+        `cache_key` (see `evomerge_sdk.scheduler.cache_key`) the result is cached and identical calls
+        in flight share one request.
+        """
+        if not callable(fn):
+            raise ConfigError(f"fn must be an async function returning an Outcome, got {fn!r:.80}")
+        price = self.price(model)
+        tokens = (reserve.input_tokens, reserve.output_tokens) if isinstance(reserve, Usage) else (-1,)
+        if not all(is_int(t) and t >= 0 for t in tokens):
+            raise ConfigError(f"reserve must be a Usage with non-negative token counts, got {reserve!r}")
+        return (await self._run(fn, _outcome, price, reserve, cache_key, label, None))[0]
+
+    async def _lookup(self, key: str) -> CachedValue | None:
+        cache = self._cache
+        if cache is None:
+            return None
+        hit = cache.get(key)
+        if hit is None and cache.on_disk(key):
+            hit = await cache.load(key)
+        return hit
+
+    async def _run(
+        self,
+        fn: Callable[[], Awaitable[Any]],
+        convert: Callable[[Any], Outcome],
+        price: ModelPrice,
+        worst: Usage | Callable[[], Awaitable[Usage]],
+        key: str | None,
+        label: str,
+        debug: dict[str, Any] | None,
+    ) -> tuple[CallResult, Any]:
+        """The call's result, and what `fn` returned when this call sent it (None for a hit)."""
+        if not self._open:
+            raise UsageError("open the scheduler first: `async with Scheduler(...) as scheduler:`")
+        m = self._metrics
+        m.calls += 1
+        if key is None:
+            return await self._execute(fn, convert, price, worst, label, debug, None)
+        while True:
+            hit = await self._lookup(key)
+            if hit is not None:
+                m.cache_hits += 1
+                return CallResult(hit.value, hit.usage, cached=True, attempts=0), None
+            flight = self._inflight.get(key)
+            if flight is None:
+                break
+            if flight.done is None:
+                flight.done = anyio.Event()
+            await flight.done.wait()
+            if flight.result is not None:
+                m.dedup_hits += 1
+                r = flight.result
+                return CallResult(r.value, r.usage, cached=True, attempts=0), None
+            if flight.error is not None:
+                raise flight.error
+            # The call we waited for was cancelled: look again, and maybe send it ourselves.
+        flight = self._inflight[key] = _Flight()
+        try:
+            result, raw = await self._execute(fn, convert, price, worst, label, debug, key)
+            if self._cache is not None:
+                self._cache.put(key, result.value, result.usage)
+            flight.result = result
+            return result, raw
+        except Exception as exc:
+            flight.error = exc
+            raise
+        finally:
+            del self._inflight[key]
+            if flight.done is not None:
+                flight.done.set()
+
+    async def _execute(
+        self,
+        fn: Callable[[], Awaitable[Any]],
+        convert: Callable[[Any], Outcome],
+        price: ModelPrice,
+        worst: Usage | Callable[[], Awaitable[Usage]],
+        label: str,
+        debug: dict[str, Any] | None,
+        key: str | None,
+    ) -> tuple[CallResult, Any]:
+        m = self._metrics
+        started = time.perf_counter()
+        if not isinstance(worst, Usage):
+            worst = await worst()
+        need_tokens = worst.input_tokens + worst.output_tokens
+        need_pico = price.worst(worst.input_tokens, worst.output_tokens)
+        limiter = self.limiter(price.model)
+        ledger = self._ledger
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                res = ledger.try_reserve(need_tokens, need_pico)
+                if res is None:
+                    res = await ledger.reserve(need_tokens, need_pico)
+            except BudgetExceeded as exc:
+                self._reject(exc, price.model, label)
+                raise
+            sent = False
+            t0 = 0.0
+            try:
+                async with self._slots:
+                    await limiter.acquire(need_tokens)
+                    sent = True
+                    m.requests += 1
+                    m.in_flight += 1
+                    t0 = time.perf_counter()
+                    try:
+                        if self._timeout is None:
+                            raw = await fn()
+                        elif self._native_timeout is not None:
+                            async with self._native_timeout(self._timeout):
+                                raw = await fn()
+                        else:
+                            with anyio.fail_after(self._timeout):
+                                raw = await fn()
+                        out = convert(raw)  # a malformed return is an error of a sent request
+                    finally:
+                        m.in_flight -= 1
+            except BaseException as exc:
+                if not sent or isinstance(exc, _NOT_SERVED):
+                    ledger.release(res)
+                else:
+                    ledger.charge_reserved(res)
+                if not isinstance(exc, Exception):
+                    raise  # cancellation and friends: the reservation is settled, nothing else to do
+                err: Exception = exc
+                if isinstance(exc, TimeoutError):
+                    err = RequestTimeout(f"no answer within {self._timeout} s", status=None)
+                delay = self._retry.delay(err, attempt, self._rng)
+                info = getattr(err, "rate_limits", None)  # any provider error may carry the API's limits
+                if isinstance(info, RateLimitInfo):
+                    limiter.observe(info)
+                if isinstance(err, RateLimited):
+                    m.rate_limited += 1
+                    limiter.pause(err.retry_after if err.retry_after is not None else (delay or 0.0))
+                if delay is None:
+                    m.failed += 1
+                    self._log.warning(
+                        "request_failed", model=price.model, label=label, attempt=attempt, **_describe(err)
+                    )
+                    if err is exc:
+                        raise
+                    raise err from exc
+                m.retries += 1
+                self._log.info(
+                    "request_retry",
+                    model=price.model,
+                    label=label,
+                    attempt=attempt,
+                    delay_s=round(delay, 4),
+                    **_describe(err),
+                )
+                await anyio.sleep(delay)
+                continue
+            usage = out.usage
+            cost = price.cost(usage)
+            if not ledger.settle(res, usage, cost):
+                m.reservation_overruns += 1
+                self._log.warning(
+                    "reservation_overrun",
+                    model=price.model,
+                    label=label,
+                    reserved_tokens=need_tokens,
+                    used_tokens=usage.total_tokens,
+                )
+            now = time.perf_counter()
+            m.succeeded += 1
+            m.tokens_in += usage.input_tokens
+            m.tokens_out += usage.output_tokens
+            m.cached_tokens += usage.cached_tokens
+            m.cost_pico += cost
+            m.latencies.append(now - t0)
+            m.total_latencies.append(now - started)
+            if out.rate_limits is not None:
+                limiter.observe(out.rate_limits)
+            if self._debug:
+                self._log.debug(
+                    "request",
+                    model=price.model,
+                    label=label,
+                    key=key[:12] if key else None,
+                    attempt=attempt,
+                    latency_ms=round((now - t0) * 1e3, 3),
+                    input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens,
+                    cost_usd=cost / 10**12,
+                    **(debug or {}),
+                )
+            return CallResult(out.value, usage, cached=False, attempts=attempt), raw
+
+    def _reject(self, exc: BudgetExceeded, model: str, label: str) -> None:
+        m = self._metrics
+        m.budget_rejections += 1
+        m.failed += 1
+        spent = exc.spent
+        self._log.info(
+            "budget_exceeded",
+            model=model,
+            label=label,
+            spent_tokens=getattr(spent, "tokens", None),
+            spent_usd=getattr(spent, "usd", None),
+        )
+
+
+def _native_timeout() -> Callable[[float], AbstractAsyncContextManager[Any]] | None:
+    """asyncio.timeout when running on asyncio with Python >= 3.11: a third of anyio.fail_after's cost."""
+    if sys.version_info >= (3, 11):
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # another backend (trio): use anyio's scope
+            return None
+        return asyncio.timeout
+    return None
+
+
+def _debug_enabled(log: Any) -> bool:
+    """Whether per-request debug events would be emitted (decided when the scheduler opens).
+
+    structlog's unconfigured default prints every level to stdout; a library must not flood an
+    application that never asked for its debug events, so they need an explicit structlog configuration
+    (or a logger passed in).
+    """
+    if log is _DEFAULT_LOG:
+        if not structlog.is_configured():
+            return False
+        log = structlog.get_logger(_DEFAULT_LOG.name)
+    try:
+        bound = log.bind()
+        check = getattr(bound, "is_enabled_for", None) or getattr(bound, "isEnabledFor", None)
+        return True if check is None else bool(check(logging.DEBUG))
+    except Exception:  # an unusual logger: emit, and let it filter
+        return True
+
+
+def _describe(exc: BaseException) -> dict[str, Any]:
+    """Loggable facts about an error: its type, status and a redacted, truncated message."""
+    return {"error": type(exc).__name__, "status": getattr(exc, "status", None), "message": redact(str(exc))}
+
+
+def _outcome(raw: Any) -> Outcome:
+    if isinstance(raw, Outcome):
+        out = raw
+    elif isinstance(raw, tuple) and len(raw) in (2, 3):
+        out = Outcome(*raw)
+    else:
+        raise ConfigError(
+            f"a call function must return an Outcome or (value, Usage), got {type(raw).__name__}"
+        )
+    if (
+        not isinstance(out.usage, Usage)
+        or _negative(out.usage)
+        or not (out.rate_limits is None or isinstance(out.rate_limits, RateLimitInfo))
+    ):
+        raise ConfigError(
+            f"a call function returned a bad usage or rate_limits: {out.usage!r}, {out.rate_limits!r}"
+        )
+    return out
+
+
+def _negative(usage: Usage) -> bool:
+    """Whether any count is not a non-negative integer: it would lower the spend and break the budget."""
+    counts = (usage.input_tokens, usage.output_tokens, usage.cached_tokens)
+    return any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts)
+
+
+def _chat_outcome(raw: Any) -> Outcome:
+    if not isinstance(raw, Completion):
+        raise BadResponse(f"a provider's complete() returned {type(raw).__name__}, not a Completion")
+    if not isinstance(raw.usage, Usage) or _negative(raw.usage):
+        raise BadResponse(f"the provider reported an impossible usage: {raw.usage!r}")
+    return Outcome(_completion_to_json(raw), raw.usage, raw.rate_limits)
+
+
+def _completion_to_json(c: Completion) -> dict[str, Any]:
+    logprobs = None
+    if c.logprobs is not None:
+        logprobs = [[t.token, t.logprob, [list(alt) for alt in t.top]] for t in c.logprobs]
+    return {"text": c.text, "model": c.model, "finish_reason": c.finish_reason, "logprobs": logprobs}
+
+
+def _completion_from_json(value: dict[str, Any], usage: Usage) -> Completion:
+    logprobs = None
+    if value.get("logprobs") is not None:
+        logprobs = tuple(
+            TokenLogprob(tok, lp, tuple((alt[0], alt[1]) for alt in top))
+            for tok, lp, top in value["logprobs"]
+        )
+    return Completion(
+        text=value["text"],
+        model=value["model"],
+        finish_reason=value.get("finish_reason"),
+        logprobs=logprobs,
+        usage=usage,
+    )

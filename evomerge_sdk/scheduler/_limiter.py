@@ -1,0 +1,150 @@
+"""Client-side rate limiting with the generic cell rate algorithm (GCRA).
+
+Client side (`RateLimiter`): requests are spaced so that no window of time ever holds more requests or
+tokens than the configured per-minute rates allow (zero burst tolerance, so the flow is smooth). Each
+caller reserves its start time when it asks ("reserve, then sleep"), which keeps the limiter O(1) per
+request and first-come-first-served, with no background task. The limits can change at run time (the
+scheduler lowers them to what the API's `x-ratelimit-*` headers report) and a 429 pauses everyone.
+
+The server side of the same arithmetic (`Gcra`, with a burst tolerance) lives with the only server
+that enforces limits, `evomerge_sdk.local.faults`.
+
+The timing arithmetic is pure (`RateSchedule` takes `now` as an argument), so it is tested with
+property tests on a simulated clock; only `RateLimiter.acquire` touches the event loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import anyio
+
+from .._checks import check_number
+from ..providers import RateLimitInfo
+
+__all__ = ["RateLimiter", "RateSchedule", "check_rate"]
+
+
+def check_rate(name: str, value: float | None) -> float | None:
+    """Validate a per-minute rate: None (no limit) or a finite number > 0."""
+    check_number(name, value, allow_none=True, unit="per minute")
+    return None if value is None else float(value)
+
+
+class RateSchedule:
+    """Start times for requests under an RPM and a TPM limit, smooth, on a caller-supplied clock.
+
+    Request k may start at max(now, previous start + 60/rpm, previous start + previous tokens * 60/tpm),
+    so consecutive starts are never closer than the rates allow and no capacity is left idle while
+    callers wait.
+    """
+
+    __slots__ = ("_next_request", "_next_token", "paused_until", "rpm", "tpm")
+
+    def __init__(self, rpm: float | None = None, tpm: float | None = None) -> None:
+        self.rpm = check_rate("rpm", rpm)
+        self.tpm = check_rate("tpm", tpm)
+        self._next_request = -math.inf
+        self._next_token = -math.inf
+        self.paused_until = -math.inf
+
+    @property
+    def unlimited(self) -> bool:
+        """True when neither rate is limited."""
+        return self.rpm is None and self.tpm is None
+
+    def reserve(self, now: float, tokens: int) -> tuple[float, tuple[float, float]]:
+        """Book the next start time for a request of `tokens`; returns it and the undo state."""
+        undo = (self._next_request, self._next_token)
+        slot = max(now, self._next_request, self._next_token, self.paused_until)
+        if self.rpm is not None:
+            self._next_request = slot + 60.0 / self.rpm
+        if self.tpm is not None:
+            self._next_token = slot + tokens * 60.0 / self.tpm
+        return slot, undo
+
+    def is_last(self, slot: float, tokens: int) -> bool:
+        """Whether the booking at `slot` is still the most recent one (so undoing it is safe)."""
+        req_ok = self.rpm is None or self._next_request == slot + 60.0 / self.rpm
+        tok_ok = self.tpm is None or self._next_token == slot + tokens * 60.0 / self.tpm
+        return req_ok and tok_ok
+
+    def undo(self, state: tuple[float, float]) -> None:
+        """Give back the last booking (its caller was cancelled before starting)."""
+        self._next_request, self._next_token = state
+
+    def pause(self, now: float, seconds: float) -> None:
+        """Start nothing before now + seconds (after a 429, or when the API says no capacity is left)."""
+        until = now + max(0.0, seconds)
+        if until > self.paused_until:
+            self.paused_until = until
+            self._next_request = max(self._next_request, until)
+            self._next_token = max(self._next_token, until)
+
+
+class RateLimiter:
+    """Smooth RPM/TPM limiter for async callers (see module doc). Limits are per minute; None = none.
+
+    The configured limits are ceilings: `observe` lowers the effective limits to what the API reports,
+    never above what the user configured.
+    """
+
+    def __init__(self, rpm: float | None = None, tpm: float | None = None) -> None:
+        self._schedule = RateSchedule(rpm, tpm)
+        self._ceiling = (self._schedule.rpm, self._schedule.tpm)
+        self._paused = False  # fast path: nothing to check while no limit and no pause exists
+
+    @property
+    def rpm(self) -> float | None:
+        """Effective requests-per-minute limit (None: unlimited)."""
+        return self._schedule.rpm
+
+    @property
+    def tpm(self) -> float | None:
+        """Effective tokens-per-minute limit (None: unlimited)."""
+        return self._schedule.tpm
+
+    def set_limits(self, *, rpm: float | None, tpm: float | None) -> None:
+        """Change the configured limits at run time; they apply to requests not yet booked."""
+        rpm, tpm = check_rate("rpm", rpm), check_rate("tpm", tpm)
+        self._ceiling = (rpm, tpm)
+        self._schedule.rpm, self._schedule.tpm = rpm, tpm
+
+    def observe(self, info: RateLimitInfo) -> None:
+        """Adopt what the API's rate-limit headers say: lower limits, and a pause when nothing is left."""
+        ceil_rpm, ceil_tpm = self._ceiling
+        s = self._schedule
+        if info.requests_limit is not None and info.requests_limit > 0:
+            limit = float(info.requests_limit)
+            s.rpm = limit if ceil_rpm is None else min(ceil_rpm, limit)
+        if info.tokens_limit is not None and info.tokens_limit > 0:
+            limit = float(info.tokens_limit)
+            s.tpm = limit if ceil_tpm is None else min(ceil_tpm, limit)
+        if info.requests_remaining == 0 and s.rpm is not None:
+            # The API's bucket is empty: one request's worth refills in 60/limit seconds.
+            self.pause(60.0 / s.rpm)
+
+    def pause(self, seconds: float) -> None:
+        """Hold every request not yet started for `seconds` (a 429's Retry-After applies to all)."""
+        self._paused = True
+        self._schedule.pause(anyio.current_time(), seconds)
+
+    async def acquire(self, tokens: int) -> None:
+        """Wait until a request of `tokens` may start. Cancelling a waiter gives its slot back if it can."""
+        s = self._schedule
+        if s.unlimited and not self._paused:
+            return
+        while True:
+            now = anyio.current_time()
+            slot, undo = s.reserve(now, tokens)
+            if slot <= now:
+                return
+            try:
+                await anyio.sleep(slot - now)
+            except BaseException:
+                if s.is_last(slot, tokens):
+                    s.undo(undo)
+                raise
+            if slot >= s.paused_until:
+                return
+            # A pause arrived while we slept: book again behind it instead of bursting at its end.
