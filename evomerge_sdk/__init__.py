@@ -9,7 +9,6 @@ search, the merge-service client, the objectives and the merged model. The embed
 from __future__ import annotations
 
 import importlib
-import warnings
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
@@ -26,6 +25,7 @@ from .errors import (
     RetryableError,
     ServerError,
     UsageError,
+    deprecated_alias,
 )
 from .providers import (
     ChatRequest,
@@ -83,8 +83,6 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(_MERGED, ".merged"),
     **dict.fromkeys(_OBJECTIVES, ".objectives"),
 }
-_DEPRECATED = {"Timeout": ("RequestTimeout", RequestTimeout)}
-"""Old names kept for one minor version (0.2); see CHANGELOG.md."""
 
 if TYPE_CHECKING:
     from .engine import (
@@ -125,17 +123,9 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     """Load a product name on first use; an old name resolves with a DeprecationWarning."""
-    if name in _DEPRECATED:
-        new, value = _DEPRECATED[name]
-        warnings.warn(
-            f"evomerge_sdk.{name} is deprecated; use {new} (the old name goes in 0.3)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return value
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'evomerge_sdk' has no attribute {name!r}")
+        return deprecated_alias(__name__, name)
     value = getattr(importlib.import_module(module, __name__), name)
     globals()[name] = value
     return value

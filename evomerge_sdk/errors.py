@@ -130,14 +130,20 @@ _DEPRECATED = {"Timeout": ("RequestTimeout", RequestTimeout)}
 """Old names kept for one minor version (0.2): they shadowed a builtin. See CHANGELOG.md."""
 
 
+def deprecated_alias(module: str, name: str) -> Any:
+    """The value of an old name of `module`, with a DeprecationWarning naming the new one; AttributeError
+    for a name that was never there. The root package and this module share it."""
+    if name not in _DEPRECATED:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    new, value = _DEPRECATED[name]
+    warnings.warn(
+        f"{module}.{name} is deprecated; use {new} (the old name goes in 0.3)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return value
+
+
 def __getattr__(name: str) -> Any:
     """Old names still resolve, with a DeprecationWarning naming the new one."""
-    if name in _DEPRECATED:
-        new, value = _DEPRECATED[name]
-        warnings.warn(
-            f"evomerge_sdk.errors.{name} is deprecated; use {new} (the old name goes in 0.3)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return deprecated_alias(__name__, name)

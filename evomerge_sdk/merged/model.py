@@ -87,6 +87,13 @@ class MergedModel:
         self._own_scheduler = False
         self.models_queried: Counter[str] = Counter()
         self._opened = False
+        self._bind(provider, client, scheduler)
+
+    def _bind(
+        self, provider: Providers | None, client: MergeServiceClient | None, scheduler: Scheduler | None
+    ) -> None:
+        """Check and keep what this mode needs (each mode class says what)."""
+        raise NotImplementedError  # every MergedModel is one of the two mode classes below
 
     @property
     def name(self) -> str:
@@ -132,15 +139,10 @@ class MergedModel:
 class OutputMergedModel(MergedModel):
     """Output-space merging: the option scores of the reference and the active pool models, merged."""
 
-    def __init__(
-        self,
-        spec: MergedSpec,
-        *,
-        provider: Providers | None = None,
-        client: MergeServiceClient | None = None,
-        scheduler: Scheduler | None = None,
+    def _bind(
+        self, provider: Providers | None, client: MergeServiceClient | None, scheduler: Scheduler | None
     ) -> None:
-        super().__init__(spec, provider=provider, client=client, scheduler=scheduler)
+        spec = self.spec
         if spec.mode != "output":
             raise ConfigError(f"an OutputMergedModel needs an output-mode spec, got mode {spec.mode!r}")
         if provider is None:
@@ -198,15 +200,10 @@ class OutputMergedModel(MergedModel):
 class ProviderMergedModel(MergedModel):
     """Provider-side merging: the merge service completes the prompt with the merged weights."""
 
-    def __init__(
-        self,
-        spec: MergedSpec,
-        *,
-        provider: Providers | None = None,
-        client: MergeServiceClient | None = None,
-        scheduler: Scheduler | None = None,
+    def _bind(
+        self, provider: Providers | None, client: MergeServiceClient | None, scheduler: Scheduler | None
     ) -> None:
-        super().__init__(spec, provider=provider, client=client, scheduler=scheduler)
+        spec = self.spec
         if spec.mode != "provider":
             raise ConfigError(f"a ProviderMergedModel needs a provider-mode spec, got mode {spec.mode!r}")
         if client is None:
