@@ -7,7 +7,6 @@ hierarchy in `evomerge_sdk.errors`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -15,6 +14,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import attrs
 
 from ._checks import is_int, is_number
+from ._io import canonical_json
 from .errors import ConfigError
 
 __all__ = [
@@ -142,8 +142,7 @@ class ChatRequest:
 
     def canonical_json(self) -> str:
         """A stable serialisation: equal requests give equal strings (the cache key is its hash)."""
-        body = attrs.asdict(self, recurse=True)
-        return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+        return canonical_json(attrs.asdict(self, recurse=True))
 
 
 @attrs.frozen

@@ -21,7 +21,6 @@ logged once), `complete` and `delete_session`. So it works unchanged against the
 
 from __future__ import annotations
 
-import json
 import math
 import ssl
 from collections.abc import Mapping, Sequence
@@ -35,6 +34,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ._checks import check_number
+from ._io import canonical_json
 from ._logs import get_logger
 from .engine._operators import check_coefficients
 from .errors import BadResponse, ConfigError
@@ -64,10 +64,6 @@ _NO_COST = Usage(0, 0)
 def _never_final(_error: Mapping[str, Any]) -> bool:
     # The merge service has no quota 429s: every 429 is a rate limit worth waiting for.
     return False
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 @attrs.frozen
@@ -347,7 +343,7 @@ class MergeServiceClient:
                 raise ConfigError(f"query_plus must be a mapping (a JSON object), got {query_plus!r:.60}")
             body["query_plus"] = dict(query_plus)
         try:
-            canonical_query = _canonical(body.get("query_plus"))
+            canonical_query = canonical_json(body.get("query_plus"), strict=True)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"query_plus must be JSON-serialisable with finite numbers: {exc}") from None
         data = await self._control(self._url("v1", "sessions"), body, "create_session")
@@ -507,7 +503,7 @@ class MergeServiceClient:
         # A token is at least one byte, so the prompt's UTF-8 length bounds its tokens.
         reserve = Usage(len(prompt.encode("utf-8")) + 8, max_tokens)
         key = (
-            cache_key("evomerge/service/complete/v1", session.fingerprint, _canonical(body))
+            cache_key("evomerge/service/complete/v1", session.fingerprint, canonical_json(body, strict=True))
             if cache
             else None
         )

@@ -22,8 +22,8 @@ import anyio
 import attrs
 import structlog
 
+from evomerge_sdk._io import write_json_atomic
 from evomerge_sdk.engine import EvoMerge, SearchConfig, SearchResult, StageConfig
-from evomerge_sdk.engine._search import write_json_atomic
 from evomerge_sdk.local import preset_id
 from evomerge_sdk.objectives import ServiceObjective
 from evomerge_sdk.scheduler import Budget, MetricsSnapshot, RetryPolicy, Scheduler, Spend

@@ -29,6 +29,7 @@ import anyio.to_thread
 import attrs
 import numpy as np
 
+from .._io import write_json_atomic
 from .._validators import (
     as_path,
     folder,
@@ -40,7 +41,7 @@ from .._validators import (
 from ..engine._baselines import best_single, lorahub, uniform_merge
 from ..engine._config import PRESETS, SearchConfig
 from ..engine._objective import Candidate, EvaluationContext, Split
-from ..engine._search import EvoMerge, Progress, SearchResult, write_json_atomic
+from ..engine._search import EvoMerge, Progress, SearchResult
 from ..errors import ConfigError
 from ..local.repository import Repository, RepositoryConfig, Target, build_repository
 from ..local.server import LocalService

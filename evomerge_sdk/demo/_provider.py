@@ -36,6 +36,7 @@ import anyio.to_thread
 import attrs
 import numpy as np
 
+from .._io import write_json_atomic
 from .._validators import (
     as_path,
     folder,
@@ -47,7 +48,7 @@ from .._validators import (
 from ..engine._baselines import best_single, lorahub, task_arithmetic, uniform_merge
 from ..engine._config import PRESETS, SearchConfig
 from ..engine._planning import fit_to_queries
-from ..engine._search import EvoMerge, Progress, SearchResult, write_json_atomic
+from ..engine._search import EvoMerge, Progress, SearchResult
 from ..errors import ConfigError
 from ..local import whitebox
 from ..local.repository import Repository, RepositoryConfig, Target, build_repository

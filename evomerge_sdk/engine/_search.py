@@ -24,7 +24,6 @@ ends), so the loss a search reports is always a whole-split loss of the merge it
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import math
@@ -40,6 +39,7 @@ import attrs
 import numpy as np
 from numpy.typing import NDArray
 
+from .._io import write_json_atomic
 from ..errors import BudgetExceeded, ConfigError, EvomergeError
 from ._cmaes import CMA, StopCriteria, StopReason
 from ._config import DEFAULT, EarlyStopping, SearchConfig, StageConfig, budget_too_small
@@ -371,22 +371,6 @@ class _RunState:
 
 def _canonical(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write strict JSON so that readers see the old file or the new one, never half of either."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, allow_nan=False, separators=(",", ":"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # -- the search --------------------------------------------------------------------------------------

@@ -40,11 +40,9 @@ of `benchmarks/RESULTS.md` lists the variants tried.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -54,6 +52,7 @@ import attrs
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from .._io import write_npz_atomic
 from ..errors import ConfigError
 from ..objectives.metrics import Metrics, score_logprobs
 from ._blas import single_threaded_blas
@@ -647,18 +646,7 @@ def _write_cache(path: Path, config: RepositoryConfig, arrays: dict[str, F32]) -
     """Write atomically (temp file, fsync, rename), readable by the user only."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     meta = json.dumps({"key": config.key(), "format": FORMAT_VERSION, "config": config.to_dict()})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".repository-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, meta=np.array(meta), **arrays)  # type: ignore[arg-type]
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_npz_atomic(path, meta, arrays)
 
 
 def build_repository(

@@ -12,11 +12,8 @@ generates one token.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -26,6 +23,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from .._io import write_npz_atomic
 from ..errors import ConfigError
 from .backend import (
     Decoding,
@@ -283,7 +281,7 @@ class RepositoryBackend:
             "revision": self.revision,
         }
         path = directory / f"{name}.npz"
-        _write_npz(path, meta, arrays)
+        write_npz_atomic(path, meta, arrays)
         self.register_merged(name, weights)
         return {"path": str(path), "adapter_name": name, "format": "npz", "bytes": path.stat().st_size}
 
@@ -303,20 +301,3 @@ def choose_token(row: FloatArray, decoding: Decoding, seed: int) -> int:
         order, p = order[:keep], p[:keep] / p[:keep].sum()
     rng = np.random.default_rng(seed)
     return int(order[rng.choice(order.size, p=p)])
-
-
-def _write_npz(path: Path, meta: dict[str, Any], arrays: dict[str, Any]) -> None:
-    """Atomically (temp file, fsync, rename), readable by the user only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".merged-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

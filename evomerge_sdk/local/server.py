@@ -56,6 +56,7 @@ import attrs
 from aiohttp import web
 
 from .._checks import check_number
+from .._io import canonical_json
 from .._logs import get_logger
 from ..errors import ConfigError, UsageError
 from ..http.server import AppServer, Handler, Refusal, is_loopback, until_terminated
@@ -566,7 +567,7 @@ class LocalService(AppServer):
                     for g in out.tokens
                 ]
             }
-        digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        digest = hashlib.sha256(canonical_json(body).encode()).hexdigest()[:24]
         return _json(
             {
                 "id": f"chatcmpl-{digest}",

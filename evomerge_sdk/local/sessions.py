@@ -13,7 +13,6 @@ the server maps them to statuses.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +21,7 @@ import attrs
 import numpy as np
 from numpy.typing import NDArray
 
+from .._io import canonical_json
 from .backend import Decoding, ExampleSet, InvalidField, MalformedRequest, MergeBackend, NotFound, Preset
 
 __all__ = [
@@ -264,7 +264,7 @@ def request_seed(body: Mapping[str, Any]) -> int:
     seed = body.get("seed")
     if isinstance(seed, int) and not isinstance(seed, bool):
         return seed % 2**63
-    blob = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
+    blob = canonical_json(body).encode()
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big")
 
 

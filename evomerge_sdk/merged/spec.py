@@ -14,7 +14,7 @@ import attrs
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ..engine._search import write_json_atomic
+from .._io import write_json_atomic
 from ..errors import ConfigError
 from ..objectives.output import MEAN_REFERENCE, AnswerSet, ScoringConfig
 

@@ -29,6 +29,7 @@ import anyio
 import attrs
 
 from .._checks import check_number
+from .._io import canonical_json
 from .._logs import get_logger
 from ..errors import ConfigError
 from ..providers import ChatRequest, Message, Usage
@@ -72,10 +73,6 @@ _FAST_CHAT_KEY = tuple(f.name for f in attrs.fields(ChatRequest)) == _CHAT_FIELD
 ) == ("role", "content")
 
 
-# One encoder, built once: json.dumps with options builds a new one per call.
-_KEY_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
 def chat_cache_key(provider_name: str, request: ChatRequest) -> str:
     """The cache key of a chat request sent to a provider: every request field, canonically (sorted keys)."""
     if not _FAST_CHAT_KEY:
@@ -89,7 +86,7 @@ def chat_cache_key(provider_name: str, request: ChatRequest) -> str:
     parts.append(
         repr((request.max_tokens, request.temperature, request.top_p, request.logprobs, request.top_logprobs))
     )
-    parts.append(_KEY_ENCODER.encode(request.extra) if request.extra else "")
+    parts.append(canonical_json(request.extra) if request.extra else "")
     return cache_key(*parts)
 
 

@@ -23,13 +23,14 @@ import os
 import tempfile
 import threading
 import urllib.request
-import uuid
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
 
 from .._checks import check_number
+from .._io import write_atomic
 from .._logs import get_logger
 from ..errors import ConfigError
 from ..providers import ChatRequest, Message
@@ -110,11 +111,7 @@ def _download(url: str, sha256: str, path: str, timeout: float) -> None:
         data = resp.read()
     if hashlib.sha256(data).hexdigest() != sha256:
         raise OSError(f"downloaded file for {url} has the wrong sha256")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_atomic(Path(path), lambda fh: fh.write(data))
 
 
 def _load_uncached(name: str, download_timeout: float | None) -> Encoding:

@@ -31,6 +31,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from .._io import canonical_json
 from ..errors import (
     AuthenticationError,
     BadResponse,
@@ -215,7 +216,7 @@ class EchoServer(AppServer):
             completion_tokens = len(text)
             pieces = list(text) if body.get("logprobs") else []
         record_served(request, prompt_tokens, completion_tokens)
-        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
+        digest = hashlib.sha256(canonical_json(body).encode()).hexdigest()[:24]
         choice: dict[str, Any] = {
             "index": 0,
             "message": {"role": "assistant", "content": text},
