@@ -31,13 +31,13 @@ from typing import Any
 
 import attrs
 import numpy as np
-from numpy.typing import ArrayLike, NDArray
+from numpy.typing import ArrayLike
 
+from .._types import FloatArray
 from ..errors import ConfigError, UsageError
 
 __all__ = ["CMA", "BoxTransform", "StopCriteria", "StopReason", "default_popsize"]
 
-FloatArray = NDArray[np.float64]
 
 _STATE_FORMAT = "evomerge-sdk/cma"
 _STATE_VERSION = 1

@@ -22,11 +22,10 @@ import attrs
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from .._types import FloatArray
 from ..errors import ConfigError
 
 __all__ = ["Candidate", "EvaluationContext", "Objective", "Split"]
-
-FloatArray = NDArray[np.float64]
 
 
 def _frozen_vector(value: ArrayLike) -> FloatArray:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from .._types import FloatArray
 from ..errors import ConfigError
 
 __all__ = [
@@ -23,8 +24,6 @@ __all__ = [
     "scale_sum",
     "sparsify",
 ]
-
-FloatArray = NDArray[np.float64]
 
 
 def _check_keep(keep: float) -> float:

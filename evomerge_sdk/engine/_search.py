@@ -37,9 +37,9 @@ import anyio
 import anyio.to_thread
 import attrs
 import numpy as np
-from numpy.typing import NDArray
 
 from .._io import write_json_atomic
+from .._types import FloatArray
 from ..errors import BudgetExceeded, ConfigError, EvomergeError
 from ._cmaes import CMA, StopCriteria, StopReason
 from ._config import DEFAULT, EarlyStopping, SearchConfig, StageConfig, budget_too_small
@@ -54,7 +54,6 @@ __all__ = [
     "StageResult",
 ]
 
-FloatArray = NDArray[np.float64]
 
 _CHECKPOINT_FORMAT = "evomerge-sdk/search-checkpoint"
 _CHECKPOINT_VERSION = 2

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
-import numpy as np
-from numpy.typing import NDArray
+
+from .._types import FloatArray, IntArray
 
 __all__ = [
     "Decoding",
@@ -49,9 +49,6 @@ __all__ = [
     "Preset",
     "ServiceRequestError",
 ]
-
-FloatArray = NDArray[np.float64]
-IntArray = NDArray[np.int64]
 
 
 # -- domain errors (the service maps them to statuses; nothing here knows HTTP) ----------------------

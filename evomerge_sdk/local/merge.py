@@ -16,14 +16,13 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from .._types import FloatArray
 from ..engine._operators import check_coefficients, magnitude_order
 from ..errors import ConfigError
 from ._blas import single_threaded_blas
 from .model import ModelWeights
 
 __all__ = ["PoolMerger", "keep_counts_vector"]
-
-FloatArray = NDArray[np.float64]
 
 
 def keep_counts_vector(alpha: FloatArray, size: int) -> NDArray[np.int64]:

@@ -16,12 +16,11 @@ import attrs
 import numpy as np
 from numpy.typing import NDArray
 
+from .._types import FloatArray, IntArray
 from ..errors import ConfigError
 
 __all__ = ["LORA_MATRICES", "LoraAdapter", "ModelWeights", "bag_embeddings", "forward_logits", "log_softmax"]
 
-FloatArray = NDArray[np.float64]
-IntArray = NDArray[np.int64]
 
 LORA_MATRICES = ("w1", "w2", "w3")
 """The weight matrices LoRA adapts, in the order every (A, B) tuple follows."""

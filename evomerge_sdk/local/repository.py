@@ -50,9 +50,10 @@ from typing import Any, Literal
 
 import attrs
 import numpy as np
-from numpy.typing import ArrayLike, NDArray
+from numpy.typing import ArrayLike
 
 from .._io import write_npz_atomic
+from .._types import Float32Array, FloatArray, IntArray
 from ..errors import ConfigError
 from ..objectives.metrics import Metrics, score_logprobs
 from ._blas import single_threaded_blas
@@ -71,9 +72,6 @@ __all__ = [
     "default_cache_dir",
 ]
 
-FloatArray = NDArray[np.float64]
-IntArray = NDArray[np.int64]
-F32 = NDArray[np.float32]
 
 FORMAT_VERSION = 5
 """Bumped whenever the generative code changes what a config builds; part of the cache key."""
@@ -269,8 +267,8 @@ class Repository:
         world: World,
         base: ModelWeights,
         adapters: Sequence[AdapterInfo],
-        a_stacks: Sequence[F32],
-        b_stacks: Sequence[F32],
+        a_stacks: Sequence[Float32Array],
+        b_stacks: Sequence[Float32Array],
         targets: Sequence[Target],
     ) -> None:
         self.config = config
@@ -560,7 +558,7 @@ def _make_targets(config: RepositoryConfig, world: World, names: set[str]) -> li
     return out
 
 
-def _train(config: RepositoryConfig, world: World, specs: Sequence[AdapterInfo]) -> dict[str, F32]:
+def _train(config: RepositoryConfig, world: World, specs: Sequence[AdapterInfo]) -> dict[str, Float32Array]:
     """Pre-train the base, then train every adapter; returns the arrays a cache file holds."""
     ids, _, targets = world.sample_pretraining(config.pretrain_examples, _stream(config, 4))
     base = pretrain_base(
@@ -625,7 +623,9 @@ def _cache_path(cache_dir: Path, config: RepositoryConfig) -> Path:
     return cache_dir / f"repository-{config.key()[:24]}.npz"
 
 
-def _load_cached(path: Path, config: RepositoryConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, F32]:
+def _load_cached(
+    path: Path, config: RepositoryConfig, shapes: dict[str, tuple[int, ...]]
+) -> dict[str, Float32Array]:
     """The arrays of a cache file; ValueError (or OSError) if it is unreadable or does not match."""
     with np.load(path, allow_pickle=False) as data:
         meta = json.loads(str(data["meta"]))
@@ -642,7 +642,7 @@ def _load_cached(path: Path, config: RepositoryConfig, shapes: dict[str, tuple[i
     return arrays
 
 
-def _write_cache(path: Path, config: RepositoryConfig, arrays: dict[str, F32]) -> None:
+def _write_cache(path: Path, config: RepositoryConfig, arrays: dict[str, Float32Array]) -> None:
     """Write atomically (temp file, fsync, rename), readable by the user only."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     meta = json.dumps({"key": config.key(), "format": FORMAT_VERSION, "config": config.to_dict()})
@@ -670,7 +670,7 @@ def build_repository(
     specs = _adapter_specs(config, world)
     shapes = _expected_shapes(config, world, len(specs))
     path = _cache_path(Path(cache_dir) if cache_dir is not None else default_cache_dir(), config)
-    arrays: dict[str, F32] | None = None
+    arrays: dict[str, Float32Array] | None = None
     if use_cache and path.exists():
         try:
             arrays = _load_cached(path, config, shapes)

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
 
 from .._io import write_npz_atomic
+from .._types import FloatArray
 from ..errors import ConfigError
 from .backend import (
     Decoding,
@@ -42,7 +42,6 @@ from .tasks import Examples
 
 __all__ = ["BASE_MODEL", "DATASET_SPLITS", "RepositoryBackend", "choose_token", "preset_id"]
 
-FloatArray = NDArray[np.float64]
 
 BASE_MODEL = "base"
 """The name of the base model on the chat route, and the `model_name_or_path` every preset is built on."""

@@ -19,9 +19,9 @@ from typing import Any
 
 import attrs
 import numpy as np
-from numpy.typing import NDArray
 
 from .._io import canonical_json
+from .._types import FloatArray, IntArray
 from .backend import Decoding, ExampleSet, InvalidField, MalformedRequest, MergeBackend, NotFound, Preset
 
 __all__ = [
@@ -42,8 +42,6 @@ __all__ = [
     "usage",
 ]
 
-FloatArray = NDArray[np.float64]
-IntArray = NDArray[np.int64]
 
 EXTENSIONS = (
     "usage",

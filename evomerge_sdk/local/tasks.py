@@ -33,15 +33,13 @@ from typing import Literal
 
 import attrs
 import numpy as np
-from numpy.typing import NDArray
 
+from .._types import FloatArray, IntArray
 from ..errors import ConfigError
 from .tokenizer import PAD, QUERY, UNK, Tokenizer, pseudo_words
 
 __all__ = ["DOMAIN_NAMES", "LABEL_WORDS", "TYPE_NAMES", "Examples", "Task", "World", "build_world"]
 
-IntArray = NDArray[np.int64]
-FloatArray = NDArray[np.float64]
 
 TYPE_NAMES = ("ner", "re", "et", "ee", "sc")
 """Task types after the paper's NER / RE / ET, plus event extraction and sentence classification."""

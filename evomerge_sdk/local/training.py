@@ -16,27 +16,26 @@ from collections.abc import Sequence
 
 import attrs
 import numpy as np
-from numpy.typing import NDArray
 
+from .._types import Float32Array, IntArray
 from ..errors import ConfigError
 
 __all__ = ["Adam", "AdapterBatch", "pretrain_base", "train_adapters", "uniform_init"]
-
-F32 = NDArray[np.float32]
-IntArray = NDArray[np.int64]
 
 
 class Adam:
     """Adam over a dict of float32 arrays, updated in place; `lr` may be an array per parameter."""
 
-    def __init__(self, params: dict[str, F32], beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
+    def __init__(
+        self, params: dict[str, Float32Array], beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8
+    ):
         self.params = params
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.m = {k: np.zeros_like(v) for k, v in params.items()}
         self.v = {k: np.zeros_like(v) for k, v in params.items()}
         self.t = 0
 
-    def step(self, grads: dict[str, F32], lr: float) -> None:
+    def step(self, grads: dict[str, Float32Array], lr: float) -> None:
         """One update of every parameter that has a gradient."""
         self.t += 1
         c1 = 1.0 - self.beta1**self.t
@@ -50,15 +49,15 @@ class Adam:
             self.params[k] -= (lr / c1) * m / (np.sqrt(v / c2) + self.eps)
 
 
-def uniform_init(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> F32:
+def uniform_init(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> Float32Array:
     """PEFT's default A initialisation: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / np.sqrt(fan_in)
     return rng.uniform(-bound, bound, size=shape).astype(np.float32)
 
 
-def _log_softmax32(z: F32) -> F32:
+def _log_softmax32(z: Float32Array) -> Float32Array:
     z = z - z.max(axis=-1, keepdims=True)
-    out: F32 = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    out: Float32Array = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
     return out
 
 
@@ -73,7 +72,7 @@ def pretrain_base(
     batch_size: int,
     lr: float,
     rng: np.random.Generator,
-) -> dict[str, F32]:
+) -> dict[str, Float32Array]:
     """Pre-train the base network on fixed-length prompts `ids` with next-token `targets`.
 
     Returns float32 weights named like `ModelWeights` fields.
@@ -82,7 +81,7 @@ def pretrain_base(
     if targets.shape != (n,) or steps < 1 or batch_size < 1:
         raise ConfigError("pre-training needs one target per prompt, steps >= 1 and batch_size >= 1")
     v, e, h = vocab_size, embed_dim, hidden_dim
-    p: dict[str, F32] = {
+    p: dict[str, Float32Array] = {
         "embedding": (0.1 * rng.standard_normal((v, e))).astype(np.float32),
         "w1": (rng.standard_normal((h, e)) / np.sqrt(e)).astype(np.float32),
         "b1": np.zeros(h, np.float32),
@@ -123,7 +122,7 @@ class AdapterBatch:
     Adapter k samples its minibatches from its first `sizes[k]` examples only.
     """
 
-    embeddings: F32
+    embeddings: Float32Array
     targets: IntArray
     sizes: IntArray
 
@@ -136,16 +135,16 @@ class AdapterBatch:
 
 
 def train_adapters(
-    base: dict[str, F32],
+    base: dict[str, Float32Array],
     data: AdapterBatch,
-    a_init: Sequence[F32],
+    a_init: Sequence[Float32Array],
     *,
     scale: float,
     steps: int,
     batch_size: int,
     lr: float,
     rng: np.random.Generator,
-) -> tuple[list[F32], list[F32]]:
+) -> tuple[list[Float32Array], list[Float32Array]]:
     """Train K LoRA adapters (on W1, W2, W3) at once; returns the stacked A's and B's.
 
     `a_init[j]` holds each adapter's initial A for matrix j, shape (K, r, in_j). B starts at zero.
@@ -157,7 +156,7 @@ def train_adapters(
         a.shape[0] != k_count or a.shape[2] != wj.shape[1] for a, wj in zip(a_init, w, strict=True)
     ):
         raise ConfigError("a_init must hold one (K, r, in) array per adapted matrix")
-    params: dict[str, F32] = {}
+    params: dict[str, Float32Array] = {}
     for j, (a, wj) in enumerate(zip(a_init, w, strict=True)):
         params[f"a{j}"] = np.array(a, dtype=np.float32)
         params[f"b{j}"] = np.zeros((k_count, wj.shape[0], a.shape[1]), np.float32)
@@ -166,8 +165,8 @@ def train_adapters(
     kk = np.arange(k_count)[:, None]
     bb = np.arange(batch_size)[None, :]
 
-    def t(x: F32) -> F32:
-        out: F32 = x.transpose(0, 2, 1)
+    def t(x: Float32Array) -> Float32Array:
+        out: Float32Array = x.transpose(0, 2, 1)
         return out
 
     for _ in range(steps):
@@ -185,7 +184,7 @@ def train_adapters(
         probs = np.exp(_log_softmax32(pre[2]))
         probs[kk, bb, y] -= 1.0
         g = probs / np.float32(batch_size)
-        grads: dict[str, F32] = {}
+        grads: dict[str, Float32Array] = {}
         for j in (2, 1, 0):
             grads[f"b{j}"] = s * (t(g) @ codes[j])
             g_code = s * (g @ params[f"b{j}"])

@@ -21,8 +21,8 @@ from typing import Any
 
 import attrs
 import numpy as np
-from numpy.typing import NDArray
 
+from .._types import FloatArray
 from ..errors import ConfigError
 from ..objectives.metrics import Metrics
 from .model import ModelWeights
@@ -40,8 +40,6 @@ __all__ = [
     "ties_vector",
     "tune",
 ]
-
-FloatArray = NDArray[np.float64]
 
 
 class TaskVectors:

@@ -18,6 +18,7 @@ import attrs
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from .._types import FloatArray, IntArray
 from ..errors import ConfigError
 
 __all__ = [
@@ -29,9 +30,6 @@ __all__ = [
     "macro_f1",
     "score_logprobs",
 ]
-
-FloatArray = NDArray[np.float64]
-IntArray = NDArray[np.int64]
 
 
 @attrs.frozen

@@ -33,6 +33,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from .._checks import is_number
+from .._types import FloatArray, IntArray
 from ..engine._objective import Candidate, EvaluationContext, Split
 from ..engine._operators import keep_count, magnitude_order
 from ..errors import BadResponse, ConfigError
@@ -56,8 +57,6 @@ __all__ = [
     "vote_scores",
 ]
 
-FloatArray = NDArray[np.float64]
-IntArray = NDArray[np.int64]
 
 MEAN_REFERENCE = "mean"
 """The reference name that means "the mean of the pool's scores" instead of a named model."""

@@ -25,8 +25,8 @@ from typing import Literal
 
 import attrs
 import numpy as np
-from numpy.typing import NDArray
 
+from .._types import FloatArray, IndexArray
 from ..engine._objective import Candidate, EvaluationContext, Split
 from ..errors import BudgetExceeded, ConfigError
 from ..local.merge import PoolMerger
@@ -37,8 +37,6 @@ from ..objectives.metrics import Metrics
 
 __all__ = ["LocalObjective", "ObjectiveUsage"]
 
-FloatArray = NDArray[np.float64]
-IndexArray = NDArray[np.intp]
 SplitName = Literal["validation", "held_out", "test"]
 
 

@@ -16,15 +16,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from numpy.typing import ArrayLike, NDArray
+from numpy.typing import ArrayLike
 
+from .._types import FloatArray
 from ..engine._objective import Candidate, EvaluationContext, Split
 from ..engine._operators import keep_count, magnitude_order, sparsify
 from ..errors import ConfigError
 
 __all__ = ["SyntheticPool"]
-
-FloatArray = NDArray[np.float64]
 
 
 class SyntheticPool:
