@@ -7,6 +7,7 @@ hierarchy in `evomerge_sdk.errors`.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -18,6 +19,7 @@ from ._io import canonical_json
 from .errors import ConfigError
 
 __all__ = [
+    "ATTEMPT_TIMEOUT",
     "ENTRY_POINT_GROUP",
     "ChatRequest",
     "Completion",
@@ -33,6 +35,13 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "evomerge_sdk.providers"
+
+ATTEMPT_TIMEOUT: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "evomerge_attempt_timeout", default=None
+)
+"""Seconds within which whoever awaits `Provider.complete` cancels it (the scheduler sets it around each
+attempt it times). A provider whose own timeout is no tighter may then arm no timer of its own: one
+timer per attempt instead of two is part of the overhead budget (benchmarks/scheduler.py)."""
 
 Role = Literal["system", "user", "assistant"]
 _ROLES = ("system", "user", "assistant")

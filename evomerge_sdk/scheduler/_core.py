@@ -50,12 +50,13 @@ from ..errors import (
     ServerError,
     UsageError,
 )
-from ..providers import ChatRequest, Completion, Provider, RateLimitInfo, TokenLogprob, Usage
+from ..providers import ATTEMPT_TIMEOUT, ChatRequest, Completion, Provider, RateLimitInfo, TokenLogprob, Usage
 from ._budget import Budget, BudgetLedger, ModelPrice, Price, PriceTable, Spend, bind_prices
 from ._cache import CachedValue, ResponseCache, chat_cache_key
 from ._limiter import RateLimiter
 from ._metrics import Metrics, MetricsSnapshot, redact
 from ._retry import RetryPolicy
+from ._slots import Slots
 from ._tokens import TokenCounter
 
 __all__ = ["CallResult", "Outcome", "Scheduler"]
@@ -163,8 +164,7 @@ class Scheduler:
         self._retry = retry or RetryPolicy()
         self._rng = self._retry.rng()
         self._timeout = timeout
-        # fast_acquire: no await when a slot is free; waiters queue on plain futures (cheap when contended)
-        self._slots = anyio.Semaphore(max_concurrency, fast_acquire=True)
+        self._slots = Slots(max_concurrency)
         self.max_concurrency = max_concurrency
         if cache is True:
             self._cache: ResponseCache | None = ResponseCache()
@@ -407,9 +407,13 @@ class Scheduler:
                 raise
             sent = False
             t0 = 0.0
+            slots = self._slots
             try:
-                async with self._slots:
-                    await limiter.acquire(need_tokens)
+                if not slots.try_acquire():
+                    await slots.acquire()
+                try:
+                    if limiter.active:
+                        await limiter.acquire(need_tokens)
                     sent = True
                     m.requests += 1
                     m.in_flight += 1
@@ -417,15 +421,22 @@ class Scheduler:
                     try:
                         if self._timeout is None:
                             raw = await fn()
-                        elif self._native_timeout is not None:
-                            async with self._native_timeout(self._timeout):
-                                raw = await fn()
                         else:
-                            with anyio.fail_after(self._timeout):
-                                raw = await fn()
+                            token = ATTEMPT_TIMEOUT.set(self._timeout)
+                            try:
+                                if self._native_timeout is not None:
+                                    async with self._native_timeout(self._timeout):
+                                        raw = await fn()
+                                else:
+                                    with anyio.fail_after(self._timeout):
+                                        raw = await fn()
+                            finally:
+                                ATTEMPT_TIMEOUT.reset(token)
                         out = convert(raw)  # a malformed return is an error of a sent request
                     finally:
                         m.in_flight -= 1
+                finally:
+                    slots.release()
             except BaseException as exc:
                 if not sent or isinstance(exc, _NOT_SERVED):
                     ledger.release(res)

@@ -95,6 +95,11 @@ class RateLimiter:
         self._paused = False  # fast path: nothing to check while no limit and no pause exists
 
     @property
+    def active(self) -> bool:
+        """Whether `acquire` may have to wait (a limit is set or a pause was ever asked for)."""
+        return self._paused or not self._schedule.unlimited
+
+    @property
     def rpm(self) -> float | None:
         """Effective requests-per-minute limit (None: unlimited)."""
         return self._schedule.rpm
