@@ -142,7 +142,9 @@ class Scheduler:
             raise ConfigError(f"budget must be a Budget(tokens=..., usd=...) or None, got {budget!r}")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise ConfigError(f"retry must be a RetryPolicy, got {retry!r}")
-        self._limiter = RateLimiter(rpm, tpm)  # validates rpm/tpm
+        self._retry = retry or RetryPolicy()
+        # No server pauses everyone longer than it could make one request wait (max_retry_after).
+        self._limiter = RateLimiter(rpm, tpm, max_pause=self._retry.max_retry_after)  # validates rpm/tpm
         self._limits = (self._limiter.rpm, self._limiter.tpm)
         if not isinstance(limits_per_model, bool):
             raise ConfigError(f"limits_per_model must be True or False, got {limits_per_model!r}")
@@ -161,7 +163,6 @@ class Scheduler:
         self._declared = declared is not None
         self._prices: dict[str, ModelPrice] = bind_prices(declared or (), self._table, required=need_usd)
         self._ledger = BudgetLedger(budget)
-        self._retry = retry or RetryPolicy()
         self._rng = self._retry.rng()
         self._timeout = timeout
         self._slots = Slots(max_concurrency)
@@ -234,7 +235,7 @@ class Scheduler:
             return self._limiter
         lim = self._limiters.get(model)
         if lim is None:
-            lim = self._limiters[model] = RateLimiter(*self._limits)
+            lim = self._limiters[model] = RateLimiter(*self._limits, max_pause=self._retry.max_retry_after)
         return lim
 
     def set_rate_limits(self, *, rpm: float | None, tpm: float | None) -> None:
@@ -412,8 +413,8 @@ class Scheduler:
                 if not slots.try_acquire():
                     await slots.acquire()
                 try:
-                    if limiter.active:
-                        await limiter.acquire(need_tokens)
+                    if limiter.active:  # a start further away than the timeout fails now, as Timeout
+                        await limiter.acquire(need_tokens, max_wait=self._timeout)
                     sent = True
                     m.requests += 1
                     m.in_flight += 1

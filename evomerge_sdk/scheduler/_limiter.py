@@ -9,6 +9,13 @@ scheduler lowers them to what the API's `x-ratelimit-*` headers report) and a 42
 The server side of the same arithmetic (`Gcra`, with a burst tolerance) lives with the only server
 that enforces limits, `evomerge_sdk.local.faults`.
 
+What a server can make the client limiter do is bounded (a hostile or broken server must not stall a
+run): a pause, whether a 429's Retry-After or an empty bucket in the headers, lasts at most `max_pause`
+seconds (the scheduler passes its `RetryPolicy.max_retry_after`); a header-driven cut never lowers the
+rates below `MIN_RPM` requests and `MIN_TPM` tokens per minute (a report under those is no real API
+tier; it is clamped); and `acquire(max_wait=...)` refuses at once, with `RequestTimeout`, a start it
+would have to wait longer for. A shared backend (Redis) applies the same three rules.
+
 The timing arithmetic is pure (`RateSchedule` takes `now` as an argument), so it is tested with
 property tests on a simulated clock; only `RateLimiter.acquire` touches the event loop.
 """
@@ -20,6 +27,7 @@ import math
 import anyio
 
 from .._checks import check_number
+from ..errors import RequestTimeout
 from ..providers import RateLimitInfo
 
 __all__ = ["RateLimiter", "RateSchedule", "check_rate"]
@@ -86,12 +94,22 @@ class RateLimiter:
     """Smooth RPM/TPM limiter for async callers (see module doc). Limits are per minute; None = none.
 
     The configured limits are ceilings: `observe` lowers the effective limits to what the API reports,
-    never above what the user configured.
+    never above what the user configured and never below the floors `MIN_RPM` / `MIN_TPM`. A pause
+    lasts at most `max_pause` seconds, whatever the server asked for.
     """
 
-    def __init__(self, rpm: float | None = None, tpm: float | None = None) -> None:
+    MIN_RPM = 1.0
+    """Floor of a header-driven requests-per-minute cut (the lowest real API tiers allow 3)."""
+    MIN_TPM = 1_000.0
+    """Floor of a header-driven tokens-per-minute cut (real tiers allow tens of thousands)."""
+
+    def __init__(
+        self, rpm: float | None = None, tpm: float | None = None, *, max_pause: float = 60.0
+    ) -> None:
+        check_number("max_pause", max_pause, strict=False, unit="seconds")
         self._schedule = RateSchedule(rpm, tpm)
         self._ceiling = (self._schedule.rpm, self._schedule.tpm)
+        self.max_pause = float(max_pause)
         self._paused = False  # fast path: nothing to check while no limit and no pause exists
 
     @property
@@ -120,30 +138,44 @@ class RateLimiter:
         ceil_rpm, ceil_tpm = self._ceiling
         s = self._schedule
         if info.requests_limit is not None and info.requests_limit > 0:
-            limit = float(info.requests_limit)
+            limit = max(self.MIN_RPM, float(info.requests_limit))
             s.rpm = limit if ceil_rpm is None else min(ceil_rpm, limit)
         if info.tokens_limit is not None and info.tokens_limit > 0:
-            limit = float(info.tokens_limit)
+            limit = max(self.MIN_TPM, float(info.tokens_limit))
             s.tpm = limit if ceil_tpm is None else min(ceil_tpm, limit)
         if info.requests_remaining == 0 and s.rpm is not None:
             # The API's bucket is empty: one request's worth refills in 60/limit seconds.
             self.pause(60.0 / s.rpm)
 
     def pause(self, seconds: float) -> None:
-        """Hold every request not yet started for `seconds` (a 429's Retry-After applies to all)."""
+        """Hold every request not yet started for `seconds`, at most `max_pause` (a 429's Retry-After
+        applies to all; a longer demand fails only the request that got it, in the retry policy)."""
         self._paused = True
-        self._schedule.pause(anyio.current_time(), seconds)
+        self._schedule.pause(anyio.current_time(), min(seconds, self.max_pause))
 
-    async def acquire(self, tokens: int) -> None:
-        """Wait until a request of `tokens` may start. Cancelling a waiter gives its slot back if it can."""
+    async def acquire(self, tokens: int, *, max_wait: float | None = None) -> None:
+        """Wait until a request of `tokens` may start. Cancelling a waiter gives its slot back if it can.
+
+        With `max_wait`, a start further away than that raises `RequestTimeout` at once (its booking given
+        back), instead of sleeping into a wait the caller's timeout would end anyway.
+        """
         s = self._schedule
         if s.unlimited and not self._paused:
             return
+        deadline = None if max_wait is None else anyio.current_time() + max_wait
         while True:
             now = anyio.current_time()
             slot, undo = s.reserve(now, tokens)
             if slot <= now:
                 return
+            if deadline is not None and slot > deadline:
+                if s.is_last(slot, tokens):
+                    s.undo(undo)
+                raise RequestTimeout(
+                    f"rate limit: the next start is {slot - now:.3g} s away, past this request's "
+                    f"timeout of {max_wait:g} s",
+                    status=None,
+                )
             try:
                 await anyio.sleep(slot - now)
             except BaseException:
