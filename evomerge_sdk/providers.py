@@ -204,6 +204,9 @@ class Completion:
     logprobs: tuple[TokenLogprob, ...] | None = None
     usage: Usage = Usage()
     rate_limits: RateLimitInfo | None = None
+    usage_known: bool = True
+    """False when the API reported no usage (`usage` is then zeros): a scheduler charges such an answer
+    its full reservation, and returns it with that reservation as its usage."""
 
 
 @runtime_checkable

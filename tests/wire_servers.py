@@ -369,6 +369,10 @@ class OpenAIWireServer(WireServer):
                 )
             logprobs = ChoiceLogprobs(content=content, refusal=None)
         prompt_tokens = sum(len(str(m["content"]).split()) for m in body["messages"])
+        # A real API never bills more output than the request allows (the scheduler refuses a report
+        # that does); the scripted text stays whole, so tests can still compare it.
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") or len(tokens)
+        billed = min(len(tokens), limit)
         completion = ChatCompletion(
             id=f"chatcmpl-wire{len(self.sent)}",
             object="chat.completion",
@@ -385,8 +389,8 @@ class OpenAIWireServer(WireServer):
             ],
             usage=CompletionUsage(
                 prompt_tokens=prompt_tokens,
-                completion_tokens=len(tokens),
-                total_tokens=prompt_tokens + len(tokens),
+                completion_tokens=billed,
+                total_tokens=prompt_tokens + billed,
                 prompt_tokens_details=PromptTokensDetails(cached_tokens=answer.cached_tokens, audio_tokens=0),
             ),
         )
@@ -464,7 +468,7 @@ class AnthropicWireServer(WireServer):
             stop_sequence=None,
             usage=AnthropicUsage(
                 input_tokens=len(prompt.split()),
-                output_tokens=len(tokens),
+                output_tokens=min(len(tokens), body["max_tokens"]),
                 cache_creation_input_tokens=answer.cache_write_tokens,
                 cache_read_input_tokens=answer.cached_tokens,
                 service_tier="standard",

@@ -7,7 +7,16 @@ When a request does not fit only because others are still in flight, it waits fo
 usually spend less than they reserved); when it cannot fit even then, it gets `BudgetExceeded`.
 
 A request whose outcome is unknown (timeout, dropped connection, malformed answer, cancellation after it
-was sent) is charged its full reservation: the API may well have billed it, and the budget is hard.
+was sent, an answer that reports no usage) is charged its full reservation: the API may well have billed
+it, and the budget is hard.
+
+What an answer reports is checked before it is spent (`BudgetLedger.settle`; a shared backend such as
+Redis applies the same rules): a count that is not a non-negative integer or exceeds
+`MAX_REPORTED_TOKENS`, output beyond the reserved maximum, or input beyond `input_ceiling` (the prompt's
+UTF-8 bytes plus framing: no byte-level tokenizer can count more) is impossible. Such an answer is charged
+its reservation and refused with `BadResponse` (never cached). Input beyond the counted estimate but
+within the ceiling is a tokenizer difference (tiktoken's count for another vendor's model): it is spent
+as reported and counted as a reservation overrun.
 
 Money is kept in integer picodollars (1e-12 USD), prices rounded up, so sums are exact and never drift
 below the truth.
@@ -25,11 +34,12 @@ import anyio
 import attrs
 
 from .._checks import check_number
-from ..errors import BudgetExceeded, ConfigError
+from ..errors import BadResponse, BudgetExceeded, ConfigError
 from ..providers import Usage
 
 __all__ = [
     "DEFAULT_PRICES",
+    "MAX_REPORTED_TOKENS",
     "PRICES_AS_OF",
     "Budget",
     "BudgetLedger",
@@ -40,6 +50,10 @@ __all__ = [
 ]
 
 _PICO_PER_USD = 10**12
+
+MAX_REPORTED_TOKENS = 10**9
+"""No single request reads or writes this many tokens; a usage report above it is a broken or hostile
+server (and 1e320 tokens would overflow every float the spend is reported in)."""
 
 
 def _non_negative_price(_inst: object, attr: attrs.Attribute[Any], value: float | None) -> None:
@@ -168,11 +182,23 @@ class Spend:
 
 @attrs.define(slots=True)
 class Reservation:
-    """A worst case held against the budget until it is settled, released or charged (exactly once)."""
+    """A worst case held against the budget until it is settled, released or charged (exactly once).
+
+    `input_tokens` / `output_tokens` split `tokens` when the caller knows the split (None: it does not);
+    `input_ceiling` is the most input tokens the request can possibly use (None: no ceiling known).
+    """
 
     tokens: int
     pico: int
     open: bool = True
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    input_ceiling: int | None = None
+
+    def as_usage(self) -> Usage:
+        """The reservation as the usage it stands for (what an unknown outcome is charged)."""
+        output = self.output_tokens if self.output_tokens is not None else self.tokens
+        return Usage(self.tokens - output, output)
 
 
 def usd_to_pico(usd: float) -> int:
@@ -250,19 +276,41 @@ class BudgetLedger:
             )
         return BudgetExceeded("budget exhausted: " + "; ".join(parts), spent=spent)
 
-    def try_reserve(self, tokens: int, pico: int) -> Reservation | None:
-        """Reserve now if it fits; None if it must wait for requests in flight; BudgetExceeded if never."""
+    def try_reserve(
+        self,
+        tokens: int,
+        pico: int,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        input_ceiling: int | None = None,
+    ) -> Reservation | None:
+        """Reserve now if it fits; None if it must wait for requests in flight; BudgetExceeded if never.
+
+        The keywords may give `input_tokens` and `output_tokens` (the worst case's parts, when known; input
+        None when the prompt was not counted) and `input_ceiling` (the most input the request can use,
+        see module doc): `settle` checks the answer's usage against them.
+        """
         if self._never_fits(tokens, pico):
             raise self._exceeded(tokens, pico)
         if not self._fits_now(tokens, pico):
             return None
         self._reserved_tokens += tokens
         self._reserved_pico += pico
-        return Reservation(tokens, pico)
+        return Reservation(tokens, pico, True, input_tokens, output_tokens, input_ceiling)
 
-    async def reserve(self, tokens: int, pico: int) -> Reservation:
+    async def reserve(
+        self,
+        tokens: int,
+        pico: int,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        input_ceiling: int | None = None,
+    ) -> Reservation:
         """Reserve a worst case, waiting while requests in flight hold the room it needs."""
-        res = self.try_reserve(tokens, pico)
+        split = {"input_tokens": input_tokens, "output_tokens": output_tokens, "input_ceiling": input_ceiling}
+        res = self.try_reserve(tokens, pico, **split)
         while res is None:
             # Something is reserved (else it would fit), so a settle will come and wake us.
             if self._changed is None:
@@ -273,7 +321,7 @@ class BudgetLedger:
                 await event.wait()
             finally:
                 self._waiters -= 1
-            res = self.try_reserve(tokens, pico)
+            res = self.try_reserve(tokens, pico, **split)
         return res
 
     def _close(self, res: Reservation) -> bool:
@@ -303,8 +351,19 @@ class BudgetLedger:
             self._requests += 1
             self._notify()
 
-    def settle(self, res: Reservation, usage: Usage, pico: int) -> bool:
-        """Spend the actual usage; returns False when it exceeded the reservation (a bad worst case)."""
+    def settle(self, res: Reservation, usage: Usage | None, pico: int) -> bool:
+        """Spend what an answer reports (`pico`: its cost); False when it passed the reservation.
+
+        No usage (None) is an unknown outcome: the reservation is spent (`res.as_usage()`, `res.pico`).
+        An impossible usage (see module doc) spends the reservation and raises `BadResponse`.
+        """
+        if usage is None:
+            self.charge_reserved(res)
+            return True
+        problem = impossible_usage(usage, res)
+        if problem is not None:
+            self.charge_reserved(res)
+            raise BadResponse(f"the answer reports an impossible usage ({problem}); charged its reservation")
         if not self._close(res):
             return True
         tokens = usage.input_tokens + usage.output_tokens
@@ -315,7 +374,22 @@ class BudgetLedger:
         self._cached += usage.cached_tokens
         self._requests += 1
         self._notify()
-        return not self.limited or (tokens <= res.tokens and pico <= res.pico)
+        within = res.input_tokens is None or usage.input_tokens <= res.input_tokens
+        return within and (not self.limited or (tokens <= res.tokens and pico <= res.pico))
+
+
+def impossible_usage(usage: Usage, res: Reservation) -> str | None:
+    """Why `usage` cannot be true for a request reserved as `res`, or None when it can."""
+    counts = (usage.input_tokens, usage.output_tokens, usage.cached_tokens)
+    if any(type(c) is not int or c < 0 for c in counts):  # bool, float, str: never a count
+        return f"counts must be non-negative integers: {usage!r:.200}"
+    if any(c > MAX_REPORTED_TOKENS for c in counts):
+        return f"more than {MAX_REPORTED_TOKENS} tokens in one request"
+    if res.output_tokens is not None and usage.output_tokens > res.output_tokens:
+        return f"{usage.output_tokens} output tokens, but at most {res.output_tokens} were asked for"
+    if res.input_ceiling is not None and usage.input_tokens > res.input_ceiling:
+        return f"{usage.input_tokens} input tokens, but the prompt can hold at most {res.input_ceiling}"
+    return None
 
 
 @attrs.frozen

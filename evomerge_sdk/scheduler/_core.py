@@ -61,6 +61,9 @@ from ._tokens import TokenCounter
 
 __all__ = ["CallResult", "Outcome", "Scheduler"]
 
+# A call's worst case: its usage, whether the input part was counted, and the input ceiling (or None).
+_Bound = tuple[Usage, bool, "int | None"]
+
 _DEFAULT_LOG = get_logger("evomerge_sdk.scheduler")
 
 # Errors after which the API did no billable work: the reservation is released, not charged. A
@@ -70,10 +73,13 @@ _NOT_SERVED = (RateLimited, ServerError, AuthenticationError, InvalidRequest, Co
 
 @attrs.frozen
 class Outcome:
-    """What a `call` function returns: a JSON-serialisable value, its usage, the API's rate-limit info."""
+    """What a `call` function returns: a JSON-serialisable value, its usage, the API's rate-limit info.
+
+    `usage=None` says the API did not report it: the call is charged its full reservation.
+    """
 
     value: Any
-    usage: Usage
+    usage: Usage | None
     rate_limits: RateLimitInfo | None = None
 
 
@@ -279,18 +285,19 @@ class Scheduler:
         price = self.price(request.model)
         key = chat_cache_key(provider.name, request) if cache else None
 
-        async def worst() -> Usage:
-            return Usage(await self._tokens.acount_request(request), request.max_tokens)
+        async def worst() -> _Bound:
+            counted = await self._tokens.acount_request(request)
+            return Usage(counted, request.max_tokens), True, self._tokens.ceiling(request)
 
         debug = {"prompt": [[m.role, m.content] for m in request.messages]} if self._log_prompts else None
         send = partial(provider.complete, request)  # no wrapper coroutine: one frame less per resume
         if self._ledger.limited or self.limiter(price.model).tpm is not None:
             result, live = await self._run(send, _chat_outcome, price, worst, key, "chat", debug)
         else:  # nothing is limited by tokens: no need to count the prompt
-            reserve = Usage(0, request.max_tokens)
-            result, live = await self._run(send, _chat_outcome, price, reserve, key, "chat", debug)
-        if isinstance(live, Completion):
-            return live  # sent by this call: keep its rate-limit info
+            bound = (Usage(0, request.max_tokens), False, None)
+            result, live = await self._run(send, _chat_outcome, price, bound, key, "chat", debug)
+        if isinstance(live, Completion):  # sent by this call: keep its rate-limit info
+            return live if live.usage_known else attrs.evolve(live, usage=result.usage)
         return _completion_from_json(result.value, result.usage)
 
     async def call(
@@ -317,7 +324,8 @@ class Scheduler:
         tokens = (reserve.input_tokens, reserve.output_tokens) if isinstance(reserve, Usage) else (-1,)
         if not all(is_int(t) and t >= 0 for t in tokens):
             raise ConfigError(f"reserve must be a Usage with non-negative token counts, got {reserve!r}")
-        return (await self._run(fn, _outcome, price, reserve, cache_key, label, None))[0]
+        bound = (reserve, True, reserve.input_tokens)  # the caller's worst case bounds what it may report
+        return (await self._run(fn, _outcome, price, bound, cache_key, label, None))[0]
 
     async def _lookup(self, key: str) -> CachedValue | None:
         cache = self._cache
@@ -333,7 +341,7 @@ class Scheduler:
         fn: Callable[[], Awaitable[Any]],
         convert: Callable[[Any], Outcome],
         price: ModelPrice,
-        worst: Usage | Callable[[], Awaitable[Usage]],
+        worst: _Bound | Callable[[], Awaitable[_Bound]],
         key: str | None,
         label: str,
         debug: dict[str, Any] | None,
@@ -383,26 +391,31 @@ class Scheduler:
         fn: Callable[[], Awaitable[Any]],
         convert: Callable[[Any], Outcome],
         price: ModelPrice,
-        worst: Usage | Callable[[], Awaitable[Usage]],
+        worst: _Bound | Callable[[], Awaitable[_Bound]],
         label: str,
         debug: dict[str, Any] | None,
         key: str | None,
     ) -> tuple[CallResult, Any]:
         m = self._metrics
         started = time.perf_counter()
-        if not isinstance(worst, Usage):
-            worst = await worst()
-        need_tokens = worst.input_tokens + worst.output_tokens
-        need_pico = price.worst(worst.input_tokens, worst.output_tokens)
+        bound = worst if isinstance(worst, tuple) else await worst()
+        worst_usage, input_counted, ceiling = bound
+        need_tokens = worst_usage.input_tokens + worst_usage.output_tokens
+        need_pico = price.worst(worst_usage.input_tokens, worst_usage.output_tokens)
+        split = {
+            "input_tokens": worst_usage.input_tokens if input_counted else None,
+            "output_tokens": worst_usage.output_tokens,
+            "input_ceiling": ceiling,
+        }
         limiter = self.limiter(price.model)
         ledger = self._ledger
         attempt = 0
         while True:
             attempt += 1
             try:
-                res = ledger.try_reserve(need_tokens, need_pico)
+                res = ledger.try_reserve(need_tokens, need_pico, **split)
                 if res is None:
-                    res = await ledger.reserve(need_tokens, need_pico)
+                    res = await ledger.reserve(need_tokens, need_pico, **split)
             except BudgetExceeded as exc:
                 self._reject(exc, price.model, label)
                 raise
@@ -438,7 +451,16 @@ class Scheduler:
                         m.in_flight -= 1
                 finally:
                     slots.release()
+                # The ledger's rules: no usage is an unknown outcome (the reservation is spent); an
+                # impossible one spends the reservation and raises BadResponse (retried, never cached).
+                if out.usage is None:
+                    usage, cost = res.as_usage(), res.pico
+                else:
+                    usage, cost = out.usage, price.cost(out.usage)
+                within = ledger.settle(res, out.usage, cost)
             except BaseException as exc:
+                if isinstance(exc, BadResponse) and not res.open:
+                    m.reservation_overruns += 1
                 if not sent or isinstance(exc, _NOT_SERVED):
                     ledger.release(res)
                 else:
@@ -474,9 +496,7 @@ class Scheduler:
                 )
                 await anyio.sleep(delay)
                 continue
-            usage = out.usage
-            cost = price.cost(usage)
-            if not ledger.settle(res, usage, cost):
+            if not within:
                 m.reservation_overruns += 1
                 self._log.warning(
                     "reservation_overrun",
@@ -487,10 +507,11 @@ class Scheduler:
                 )
             now = time.perf_counter()
             m.succeeded += 1
-            m.tokens_in += usage.input_tokens
-            m.tokens_out += usage.output_tokens
-            m.cached_tokens += usage.cached_tokens
-            m.cost_pico += cost
+            if out.usage is not None:  # an unknown usage is in spent().unknown_tokens only
+                m.tokens_in += usage.input_tokens
+                m.tokens_out += usage.output_tokens
+                m.cached_tokens += usage.cached_tokens
+                m.cost_pico += cost
             m.latencies.append(now - t0)
             m.total_latencies.append(now - started)
             if out.rate_limits is not None:
@@ -568,10 +589,8 @@ def _outcome(raw: Any) -> Outcome:
         raise ConfigError(
             f"a call function must return an Outcome or (value, Usage), got {type(raw).__name__}"
         )
-    if (
-        not isinstance(out.usage, Usage)
-        or _negative(out.usage)
-        or not (out.rate_limits is None or isinstance(out.rate_limits, RateLimitInfo))
+    if not (out.usage is None or isinstance(out.usage, Usage)) or not (
+        out.rate_limits is None or isinstance(out.rate_limits, RateLimitInfo)
     ):
         raise ConfigError(
             f"a call function returned a bad usage or rate_limits: {out.usage!r}, {out.rate_limits!r}"
@@ -579,18 +598,12 @@ def _outcome(raw: Any) -> Outcome:
     return out
 
 
-def _negative(usage: Usage) -> bool:
-    """Whether any count is not a non-negative integer: it would lower the spend and break the budget."""
-    counts = (usage.input_tokens, usage.output_tokens, usage.cached_tokens)
-    return any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts)
-
-
 def _chat_outcome(raw: Any) -> Outcome:
     if not isinstance(raw, Completion):
         raise BadResponse(f"a provider's complete() returned {type(raw).__name__}, not a Completion")
-    if not isinstance(raw.usage, Usage) or _negative(raw.usage):
-        raise BadResponse(f"the provider reported an impossible usage: {raw.usage!r}")
-    return Outcome(_completion_to_json(raw), raw.usage, raw.rate_limits)
+    if not isinstance(raw.usage, Usage):
+        raise BadResponse(f"the provider reported a usage that is not a Usage: {raw.usage!r:.200}")
+    return Outcome(_completion_to_json(raw), raw.usage if raw.usage_known else None, raw.rate_limits)
 
 
 def _completion_to_json(c: Completion) -> dict[str, Any]:

@@ -254,6 +254,11 @@ class TokenCounter:
             n = self._count_messages(enc, messages)
         return n + _extra_bound(request) if request.extra else n
 
+    def ceiling(self, request: ChatRequest) -> int:
+        """The most prompt tokens any byte-level tokenizer can count for `request` (its UTF-8 bytes plus
+        framing): an answer reporting more input is impossible, whatever model served it."""
+        return self._count_messages(None, request.messages) + _extra_bound(request)
+
     def _count_messages(self, enc: Encoding | None, messages: tuple[Message, ...]) -> int:
         total = REPLY_OVERHEAD
         for m in messages:

@@ -184,6 +184,7 @@ async def test_null_content_and_missing_usage_are_accepted(
     server.push(Answer(mutate=strip))
     completion = await provider.complete(QUESTION)
     assert completion.text == "" and completion.usage == Usage()
+    assert not completion.usage_known  # a scheduler charges it at its worst case
 
 
 # Error statuses --------------------------------------------------------------------------------------------

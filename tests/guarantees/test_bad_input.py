@@ -502,7 +502,6 @@ ANTHROPIC_ANSWERS: dict[str, tuple[bytes, str]] = {
         _json({"content": [{"type": "text"}], "usage": {"input_tokens": 1, "output_tokens": 1}}),
         r"content\[0\].text",
     ),
-    "usage missing": (_json({"content": [{"type": "text", "text": "hi"}]}), "answer.usage"),
     "usage a float": (
         _json({"content": [], "usage": {"input_tokens": 1.5, "output_tokens": 1}}),
         "usage.input_tokens should be a int",

@@ -186,18 +186,28 @@ def _completion(data: Any, request: ChatRequest, rate_limits: RateLimitInfo | No
         for i, block in enumerate(content)
         if field(block, "type", str, f"content[{i}]") == "text"
     ]
-    usage = field(data, "usage", dict, "answer")
-    written = optional_field(usage, "cache_creation_input_tokens", int, "usage") or 0
-    read = optional_field(usage, "cache_read_input_tokens", int, "usage") or 0
+    usage = _usage(data)
     return Completion(
         text="".join(texts),
         model=optional_field(data, "model", str, "answer") or request.model,
         finish_reason=optional_field(data, "stop_reason", str, "answer"),
         logprobs=None,
-        usage=Usage(
-            input_tokens=field(usage, "input_tokens", int, "usage") + written + read,
-            output_tokens=field(usage, "output_tokens", int, "usage"),
-            cached_tokens=read,
-        ),
+        usage=usage or Usage(),
         rate_limits=rate_limits,
+        usage_known=usage is not None,
+    )
+
+
+def _usage(data: dict[str, Any]) -> Usage | None:
+    """The answer's usage; None when it reports none (absent, null or {}): the scheduler then charges the
+    request's worst case rather than nothing."""
+    usage = optional_field(data, "usage", dict, "answer")
+    if not usage:
+        return None
+    written = optional_field(usage, "cache_creation_input_tokens", int, "usage") or 0
+    read = optional_field(usage, "cache_read_input_tokens", int, "usage") or 0
+    return Usage(
+        input_tokens=field(usage, "input_tokens", int, "usage") + written + read,
+        output_tokens=field(usage, "output_tokens", int, "usage"),
+        cached_tokens=read,
     )

@@ -176,13 +176,15 @@ def _completion(data: Any, request: ChatRequest, rate_limits: RateLimitInfo | No
     message = field(choice, "message", dict, "choices[0]")
     text = optional_field(message, "content", str, "choices[0].message")
     model = optional_field(data, "model", str, "answer")
+    usage = _usage(data.get("usage"))
     return Completion(
         text=text or "",
         model=model or request.model,
         finish_reason=optional_field(choice, "finish_reason", str, "choices[0]"),
         logprobs=_logprobs(choice.get("logprobs")),
-        usage=_usage(data.get("usage")),
+        usage=usage or Usage(),
         rate_limits=rate_limits,
+        usage_known=usage is not None,
     )
 
 
@@ -225,10 +227,11 @@ def _plain_completion(
     )
 
 
-def _usage(usage: Any) -> Usage:
-    # Some compatible servers omit usage; zeros then, rather than a failed request.
-    if usage is None:
-        return Usage()
+def _usage(usage: Any) -> Usage | None:
+    # Some compatible servers omit usage (absent, null or {}): an unknown usage, which the scheduler
+    # charges at the request's worst case rather than as free.
+    if usage is None or usage == {}:
+        return None
     details = optional_field(usage, "prompt_tokens_details", dict, "usage")
     cached = optional_field(details, "cached_tokens", int, "usage.prompt_tokens_details") if details else None
     return Usage(
