@@ -163,6 +163,16 @@ class EarlyStopping:
 
 
 @attrs.frozen
+class Stage:
+    """One stage of a search, in run order: its name (what progress, history and checkpoints call it),
+    the vector it searches (the other one stays fixed while it runs), and its settings."""
+
+    name: str
+    searches: Literal["alpha", "beta"]
+    config: StageConfig
+
+
+@attrs.frozen
 class SearchConfig:
     """A complete search: stage 1 (`denoise`, over alpha) and/or stage 2 (`scale`, over beta).
 
@@ -192,25 +202,26 @@ class SearchConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         stop = self.early_stopping
-        for name, stage in self.stages():
+        for stage in self.stages():
             # A minibatch stage's incumbent only changes when it re-scores its mean.
+            settings = stage.config
             if (
                 stop is not None
-                and stage.batch_size is not None
-                and not 1 <= stage.rescore_every <= stop.patience
+                and settings.batch_size is not None
+                and not 1 <= settings.rescore_every <= stop.patience
             ):
                 raise ConfigError(
-                    f"stage {name!r}: early stopping on a minibatch stage needs rescore_every in "
-                    f"[1, patience={stop.patience}], got {stage.rescore_every}"
+                    f"stage {stage.name!r}: early stopping on a minibatch stage needs rescore_every in "
+                    f"[1, patience={stop.patience}], got {settings.rescore_every}"
                 )
 
-    def stages(self) -> list[tuple[str, StageConfig]]:
-        """The active stages in run order, by name."""
+    def stages(self) -> list[Stage]:
+        """The active stages in run order."""
         out = []
         if self.denoise is not None:
-            out.append(("denoise", self.denoise))
+            out.append(Stage("denoise", "alpha", self.denoise))
         if self.scale is not None:
-            out.append(("scale", self.scale))
+            out.append(Stage("scale", "beta", self.scale))
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -45,7 +45,7 @@ def planned_queries(config: SearchConfig, n: int, examples: int, held_out: int =
     if n < 1 or examples < 1:
         raise ConfigError(f"a search needs a model and an example, got n={n}, examples={examples}")
     early = config.early_stopping is not None
-    return sum(_stage_queries(stage, n, examples, held_out, early) for _, stage in config.stages())
+    return sum(_stage_queries(stage.config, n, examples, held_out, early) for stage in config.stages())
 
 
 def _scaled(config: SearchConfig, factor: float, n: int) -> SearchConfig:

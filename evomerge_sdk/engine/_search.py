@@ -42,7 +42,7 @@ from .._io import write_json_atomic
 from .._types import FloatArray
 from ..errors import BudgetExceeded, ConfigError, EvomergeError
 from ._cmaes import CMA, StopCriteria, StopReason
-from ._config import DEFAULT, EarlyStopping, SearchConfig, StageConfig, budget_too_small
+from ._config import DEFAULT, EarlyStopping, SearchConfig, Stage, budget_too_small
 from ._objective import Candidate, EvaluationContext, Objective, Split
 
 __all__ = [
@@ -401,11 +401,12 @@ class EvoMerge:
             )
         if on_progress is not None and not callable(on_progress):
             raise ConfigError(f"on_progress must be a function or None, got {on_progress!r:.80}")
-        for name, stage in config.stages():
-            stage.start_value(n_models)
-            if stage.max_evaluations < stage.popsize_value(n_models):
-                message = budget_too_small(stage.max_evaluations, stage.popsize_value(n_models))
-                raise ConfigError(f"stage {name!r}: {message}")
+        for stage in config.stages():
+            settings = stage.config
+            settings.start_value(n_models)
+            if settings.max_evaluations < settings.popsize_value(n_models):
+                message = budget_too_small(settings.max_evaluations, settings.popsize_value(n_models))
+                raise ConfigError(f"stage {stage.name!r}: {message}")
         self.objective = objective
         self.n = n_models
         self.config = config
@@ -489,29 +490,30 @@ class EvoMerge:
         stages = self.config.stages()
         try:
             while state.stage_index < len(stages):
-                name, stage = stages[state.stage_index]
+                stage = stages[state.stage_index]
                 if state.es is None:
-                    self._begin_stage(state, name, stage)
-                reason = await self._run_stage(state, name, stage)
-                if stage.batch_size is not None and state.stage_generation > 0:
-                    await self._rescore_mean(state, name, stage)
-                self._end_stage(state, name, reason)
+                    self._begin_stage(state, stage)
+                reason = await self._run_stage(state, stage)
+                if stage.config.batch_size is not None and state.stage_generation > 0:
+                    await self._rescore_mean(state, stage)
+                self._end_stage(state, stage.name, reason)
         except BudgetExceeded:
             if state.incumbent is None:
                 raise
             partial = []
             if state.es is not None:
-                name = stages[state.stage_index][0]
+                name = stages[state.stage_index].name
                 partial = [self._stage_result(state, name, StopReason.BUDGET_EXCEEDED)]
             return self._result(state, StopReason.BUDGET_EXCEEDED, partial)
         result = self._result(state, state.stages[-1].stop_reason)
         await self._save(state, result)
         return result
 
-    def _begin_stage(self, state: _RunState, name: str, stage: StageConfig) -> None:
+    def _begin_stage(self, state: _RunState, stage: Stage) -> None:
+        settings = stage.config
         n = self.n
-        start = np.full(n, stage.start_value(n))
-        if name == "denoise":
+        start = np.full(n, settings.start_value(n))
+        if stage.searches == "alpha":
             state.fixed = np.full(n, 1.0 / n)
         else:
             # Stage 1's best alpha, or the fixed alpha when there was no stage 1.
@@ -521,34 +523,36 @@ class EvoMerge:
             )
         state.es = CMA(
             start,
-            stage.sigma_value(n),
-            lower=stage.lower,
-            upper=stage.upper,
-            popsize=stage.popsize,
+            settings.sigma_value(n),
+            lower=settings.lower,
+            upper=settings.upper,
+            popsize=settings.popsize,
             seed=derive_seed(self.config.seed, state.stage_index, 0),
-            diagonal=stage.use_diagonal(n),
+            diagonal=settings.use_diagonal(n),
             stop=StopCriteria(
-                max_evaluations=stage.max_evaluations,
-                tolfun=stage.tolfun,
-                tolx=stage.tolx,
+                max_evaluations=settings.max_evaluations,
+                tolfun=settings.tolfun,
+                tolx=settings.tolx,
                 # Stagnation compares generations' values; minibatch values differ by their draw, not
                 # by progress, so on a minibatch stage it fires on noise.
-                stagnation=stage.batch_size is None,
+                stagnation=settings.batch_size is None,
             ),
         )
         if state.incumbent is not None:
             # The previous stage's best is a point of this stage too: keep it, re-scored with this penalty.
-            vec = state.incumbent.candidate.beta if name == "scale" else state.incumbent.candidate.alpha
-            state.incumbent.fitness = state.incumbent.loss + stage.penalty * float(np.mean(np.abs(vec)))
+            incumbent = state.incumbent.candidate
+            vec = incumbent.alpha if stage.searches == "alpha" else incumbent.beta
+            state.incumbent.fitness = state.incumbent.loss + settings.penalty * float(np.mean(np.abs(vec)))
         state.stage_generation = 0
         state.stage_evaluations = 0
         state.best_held_out = None
         state.since_improvement = 0
 
-    def _candidate(self, name: str, fixed: FloatArray, x: FloatArray) -> Candidate:
-        return Candidate(alpha=x, beta=fixed) if name == "denoise" else Candidate(alpha=fixed, beta=x)
+    def _candidate(self, stage: Stage, fixed: FloatArray, x: FloatArray) -> Candidate:
+        return Candidate(alpha=x, beta=fixed) if stage.searches == "alpha" else Candidate(alpha=fixed, beta=x)
 
-    async def _run_stage(self, state: _RunState, name: str, stage: StageConfig) -> StopReason:
+    async def _run_stage(self, state: _RunState, stage: Stage) -> StopReason:
+        name, settings = stage.name, stage.config
         es, fixed = state.es, state.fixed
         assert es is not None and fixed is not None
         early = self.config.early_stopping
@@ -559,29 +563,29 @@ class EvoMerge:
             if early is not None and state.since_improvement >= early.patience:
                 return StopReason.EARLY_STOPPING
             xs = es.ask()
-            candidates = [self._candidate(name, fixed, x) for x in xs]
+            candidates = [self._candidate(stage, fixed, x) for x in xs]
             context = EvaluationContext(
                 split=Split.VALIDATION,
                 stage=name,
                 generation=state.generation,
                 seed=derive_seed(self.config.seed, state.stage_index, state.stage_generation + 1),
-                batch_size=stage.batch_size,
+                batch_size=settings.batch_size,
             )
             losses = await evaluate_losses(self.objective, candidates, context)
             finite = np.isfinite(losses)
-            fitness = np.where(finite, losses + stage.penalty * np.mean(np.abs(xs), axis=1), np.inf)
+            fitness = np.where(finite, losses + settings.penalty * np.mean(np.abs(xs), axis=1), np.inf)
             es.tell(fitness)
             state.stage_generation += 1
             state.generation += 1
             state.stage_evaluations += len(candidates)
             state.evaluations += len(candidates)
             state.nonfinite += int((~finite).sum())
-            if stage.batch_size is None:
+            if settings.batch_size is None:
                 best = int(np.argmin(fitness))
                 if finite[best] and (state.incumbent is None or fitness[best] < state.incumbent.fitness):
                     state.incumbent = _Incumbent(candidates[best], float(losses[best]), float(fitness[best]))
-            elif stage.rescore_every and state.stage_generation % stage.rescore_every == 0:
-                await self._rescore_mean(state, name, stage)
+            elif settings.rescore_every and state.stage_generation % settings.rescore_every == 0:
+                await self._rescore_mean(state, stage)
             if early is not None:
                 await self._check_held_out(state, name, early)
             gen_loss = float(losses[finite].min()) if finite.any() else math.nan
@@ -612,20 +616,21 @@ class EvoMerge:
                     mean=es.mean,
                     sigma=es.sigma,
                     candidate=inc.candidate if inc else None,
-                    mean_candidate=self._candidate(name, fixed, es.mean),
+                    mean_candidate=self._candidate(stage, fixed, es.mean),
                 )
                 maybe = self.on_progress(progress)
                 if inspect.isawaitable(maybe):
                     await maybe
 
-    async def _rescore_mean(self, state: _RunState, name: str, stage: StageConfig) -> None:
+    async def _rescore_mean(self, state: _RunState, stage: Stage) -> None:
+        name, settings = stage.name, stage.config
         """Score the CMA mean on the whole validation split; it becomes the incumbent if its fitness wins."""
         es, fixed = state.es, state.fixed
         assert es is not None and fixed is not None
         if state.rescored_at == state.generation:
             return
         x = es.mean
-        candidate = self._candidate(name, fixed, x)
+        candidate = self._candidate(stage, fixed, x)
         context = EvaluationContext(
             split=Split.VALIDATION,
             stage=name,
@@ -639,7 +644,7 @@ class EvoMerge:
         if not math.isfinite(loss):
             state.nonfinite += 1
             return
-        fitness = float(loss) + stage.penalty * float(np.mean(np.abs(x)))
+        fitness = float(loss) + settings.penalty * float(np.mean(np.abs(x)))
         if state.incumbent is None or fitness < state.incumbent.fitness:
             state.incumbent = _Incumbent(candidate, float(loss), fitness)
 
