@@ -1,0 +1,1 @@
+"""evomerge-peft: the merge service over Hugging Face PEFT LoRA adapters."""
