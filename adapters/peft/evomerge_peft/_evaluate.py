@@ -18,8 +18,9 @@ from typing import Any
 import attrs
 import numpy as np
 import torch
-from evomerge_sdk.errors import ConfigError
 from numpy.typing import ArrayLike
+
+from evomerge_sdk.errors import ConfigError
 
 from ._merge import MergeForm, merge_module
 from ._pool import AdapterPool, Base
@@ -103,7 +104,9 @@ class Scorer:
         if name is not None:
             return name
         name = f"slot-{len(self._slots)}"
-        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(modules), lora_dropout=0.0, bias="none")
+        config = LoraConfig(
+            r=rank, lora_alpha=rank, target_modules=list(modules), lora_dropout=0.0, bias="none"
+        )
         if self._peft is None:
             self._peft = get_peft_model(self.base.model, config, adapter_name=name)
         else:
@@ -170,16 +173,16 @@ class Scorer:
             return torch.log_softmax(logits, dim=-1).cpu()
 
 
-def first_token_accuracy(
-    scorer: Scorer, model: Any, data: TokenisedSet, answer_ids: ArrayLike
-) -> float:
+def first_token_accuracy(scorer: Scorer, model: Any, data: TokenisedSet, answer_ids: ArrayLike) -> float:
     """Share of examples whose first completion token is the answer-set token the model ranks highest."""
     answers = torch.as_tensor(np.asarray(answer_ids), dtype=torch.long)
     right = 0
     pad = int(scorer.base.tokenizer.pad_token_id)
     with torch.inference_mode():
         for ids, mask, labels in data.batches(None, pad):
-            logits = model(input_ids=ids.to(scorer.base.device), attention_mask=mask.to(scorer.base.device)).logits
+            logits = model(
+                input_ids=ids.to(scorer.base.device), attention_mask=mask.to(scorer.base.device)
+            ).logits
             for k in range(ids.shape[0]):
                 start = int((labels[k] != -100).nonzero()[0])
                 row = logits[k, start - 1, answers].float()

@@ -28,7 +28,9 @@ from ._pool import AdapterPool, Base
 __all__ = ["merged_tensors", "write_adapter"]
 
 
-def merged_tensors(pool: AdapterPool, alpha: ArrayLike, beta: ArrayLike, form: MergeForm) -> dict[str, torch.Tensor]:
+def merged_tensors(
+    pool: AdapterPool, alpha: ArrayLike, beta: ArrayLike, form: MergeForm
+) -> dict[str, torch.Tensor]:
     """The merged adapter's state dict in PEFT's saved key layout (float32, on the CPU, contiguous)."""
     out: dict[str, torch.Tensor] = {}
     with torch.inference_mode():

@@ -18,8 +18,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from evomerge_sdk.engine.operators import check_coefficients, keep_count
 from numpy.typing import ArrayLike
+
+from evomerge_sdk.engine.operators import check_coefficients, keep_count
 
 __all__ = ["MERGE_FORMS", "MergeForm", "keep_counts", "merge_module"]
 

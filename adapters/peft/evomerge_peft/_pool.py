@@ -33,6 +33,7 @@ from typing import Any
 import attrs
 import numpy as np
 import torch
+
 from evomerge_sdk.engine.operators import magnitude_order
 from evomerge_sdk.errors import ConfigError
 
@@ -133,7 +134,12 @@ def _read_config(name: str, folder: Path) -> tuple[int, float]:
     rank, alpha = cfg.get("r"), cfg.get("lora_alpha")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"{where}: r must be a positive integer, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not math.isfinite(alpha)
+        or alpha <= 0
+    ):
         raise ConfigError(f"{where}: lora_alpha must be a positive number, got {alpha!r}")
     for key, (bad, why) in _REFUSED.items():
         if cfg.get(key) == bad:
@@ -160,9 +166,11 @@ def _read_weights(
     path = folder / "adapter_model.safetensors"
     where = f"adapter {name!r}: {path}"
     if not path.is_file():
-        hint = " (adapter_model.bin is refused: unpickling runs code from the file)" if (
-            folder / "adapter_model.bin"
-        ).exists() else ""
+        hint = (
+            " (adapter_model.bin is refused: unpickling runs code from the file)"
+            if (folder / "adapter_model.bin").exists()
+            else ""
+        )
         raise ConfigError(f"{where} is missing{hint}")
     try:
         tensors = load_file(str(path))

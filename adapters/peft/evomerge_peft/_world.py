@@ -159,8 +159,8 @@ class _Generator:
         self.t = 0.3 * rng.standard_normal((c.types, c.domains, c.labels, kg + kd))
         self.pretrain_readings = rng.standard_normal((4, c.labels, kg + kd))
         self.translation = np.stack([rng.permutation(c.domain_words) for _ in range(c.domains)])
-        self.vocab = {w: i for i, w in enumerate([*_SPECIALS, *self.markers, "?", *self.general,
-                                                  *(w for ws in self.domain for w in ws), *self.labels])}  # fmt: skip
+        words = [*_SPECIALS, *self.markers, "?", *self.general, *(w for ws in self.domain for w in ws)]
+        self.vocab = {w: i for i, w in enumerate([*words, *self.labels])}
 
     def tasks(self) -> list[_Task]:
         """Every adapter's task: the grid, two inverted (harmful) and two off-grid (irrelevant) tasks."""
@@ -171,16 +171,20 @@ class _Generator:
         return grid + inverted + offgrid
 
     def targets(self) -> list[_Task]:
-        """Out-of-domain targets: grid tasks without an inverted twin (a negated twin would be a specialist)."""
+        """Out-of-domain targets: grid tasks without an inverted twin (negated, it would be a specialist)."""
         twins = {(t.type_index, t.domain_index) for t in self.tasks() if t.kind == "inverted"}
         grid = [t for t in self.tasks() if t.kind == "grid" and (t.type_index, t.domain_index) not in twins]
         order = np.random.default_rng([self.config.seed, 7]).permutation(len(grid))
         return [grid[i] for i in order]
 
-    def sample(self, task: _Task | tuple[str, int], n: int, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    def sample(
+        self, task: _Task | tuple[str, int], n: int, rng: np.random.Generator
+    ) -> tuple[list[str], list[str]]:
         """n prompts of a task (or of a pre-training mixture part) and their completions."""
         c = self.config
-        domains = rng.integers(0, c.domains, n) if not isinstance(task, _Task) else np.full(n, task.domain_index)
+        domains = (
+            rng.integers(0, c.domains, n) if not isinstance(task, _Task) else np.full(n, task.domain_index)
+        )
         gi = rng.integers(0, c.general_words, (n, c.prompt_general))
         di = rng.integers(0, c.domain_words, (n, c.prompt_domain))
         phi_bar = self.phi[gi].mean(axis=1)
@@ -206,7 +210,9 @@ class _Generator:
             answers = [self.labels[int(k)] for k in pick]
         prompts = []
         for i in range(n):
-            words = [self.general[int(g)] for g in gi[i]] + [self.domain[int(domains[i])][int(w)] for w in di[i]]
+            words = [self.general[int(g)] for g in gi[i]] + [
+                self.domain[int(domains[i])][int(w)] for w in di[i]
+            ]
             order = rng.permutation(len(words))
             prompts.append(" ".join([marker, *(words[int(j)] for j in order), "?"]))
         return prompts, answers
@@ -325,7 +331,9 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def build_world(
-    config: WorldConfig | None = None, root: str | os.PathLike[str] | None = None, variant: Variant = "own_seed"
+    config: WorldConfig | None = None,
+    root: str | os.PathLike[str] | None = None,
+    variant: Variant = "own_seed",
 ) -> World:
     """The world of `config` (default CI-sized) under `root` (default `default_world_dir()`), built once.
 
