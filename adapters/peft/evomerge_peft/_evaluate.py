@@ -34,6 +34,7 @@ class Example:
 
     prompt: str
     completion: str
+    special_tokens: bool = True  # False when the prompt is a chat template's text, which has its own
 
 
 @attrs.frozen(eq=False)
@@ -73,7 +74,7 @@ def tokenise(tokenizer: Any, examples: Sequence[Example], batch_size: int = 32) 
     """Prompt with the tokenizer's special tokens, completion without; ConfigError naming a bad example."""
     ids, starts = [], []
     for k, ex in enumerate(examples):
-        prompt = list(tokenizer(ex.prompt)["input_ids"])
+        prompt = list(tokenizer(ex.prompt, add_special_tokens=ex.special_tokens)["input_ids"])
         completion = list(tokenizer(ex.completion, add_special_tokens=False)["input_ids"])
         if not prompt:
             raise ConfigError(f"example {k}: the prompt has no tokens")

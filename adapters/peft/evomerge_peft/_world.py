@@ -39,7 +39,7 @@ from numpy.typing import NDArray
 
 __all__ = ["WORLD_VERSION", "World", "WorldConfig", "build_world", "default_world_dir"]
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 """Bumped whenever the code changes what a config builds; part of the cache key."""
 Variant = Literal["own_seed", "shared_seed"]
 _TYPES = ("ner", "re", "et", "ee")
@@ -49,10 +49,10 @@ _SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
 _TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _SHARED_INIT_SEED = 42  # LLaMA-Factory's set_seed(42)
 _CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'assistant' %} {{ m['content'] }}"
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %} {{ m['content'] }}"
     "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
 )
-"""Messages are the world's plain prompts: a user turn is the prompt, an assistant turn its answer."""
+"""Messages are the world's plain prompts after <s>: user turn = prompt, assistant turn = answer."""
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
