@@ -64,10 +64,15 @@ from evomerge_peft import (
     write_adapter,
 )  # fmt: skip
 
-from evomerge_sdk.engine.budget import fit_to_queries
-from evomerge_sdk.engine.config import DEFAULT, LORAHUB
-from evomerge_sdk.engine.objective import Candidate, EvaluationContext, Split
-from evomerge_sdk.engine.search import EvoMerge
+from evomerge_sdk.engine import (
+    DEFAULT,
+    LORAHUB,
+    Candidate,
+    EvaluationContext,
+    EvoMerge,
+    Split,
+    fit_to_queries,
+)  # fmt: skip
 
 T95 = {
     1: 12.706,
@@ -177,7 +182,7 @@ def load_case(seed: int, target_index: int, variant: str, root: Path) -> tuple[C
     splits = {s: _examples(world.data(target, s)) for s in ("validation", "held_out", "test")}
     case = Case(
         base=base,
-        scorer=Scorer(base),
+        scorer=Scorer.of(base),
         pool=load_pool(base, adapters),
         adapters=adapters,
         base_dir=world.base,

@@ -153,7 +153,7 @@ class PeftBackend:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.base = base
-        self.scorer = Scorer(base)
+        self.scorer = Scorer.of(base)
         self.merge_form: MergeForm = merge_form
         self.batch_size = batch_size
         self.pools: dict[str, AdapterPool] = {}

@@ -11,6 +11,7 @@ read them: concurrent requests get exactly the answers they would get one at a t
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -25,7 +26,9 @@ from evomerge_sdk.errors import ConfigError
 from ._merge import MergeForm, merge_module
 from ._pool import AdapterPool, Base
 
-__all__ = ["Example", "Scorer", "TokenisedSet", "tokenise"]
+__all__ = ["Example", "Scorer", "TokenisedSet", "first_token_accuracy", "tokenise"]
+
+_LOCK = threading.Lock()
 
 
 @attrs.frozen
@@ -87,8 +90,23 @@ def tokenise(tokenizer: Any, examples: Sequence[Example], batch_size: int = 32) 
     return TokenisedSet(tuple(ids), tuple(starts), batch_size)
 
 
+_SCORERS: weakref.WeakKeyDictionary[Base, Scorer] = weakref.WeakKeyDictionary()
+
+
 class Scorer:
-    """The base wrapped once by PEFT, the slots, and the forward passes; shared by every session."""
+    """The base wrapped once by PEFT, the slots, and the forward passes; shared by every session.
+
+    PEFT wraps the base model in place, so a base has one scorer: get it with `Scorer.of(base)`.
+    """
+
+    @classmethod
+    def of(cls, base: Base) -> Scorer:
+        """The scorer of `base` (made on first use)."""
+        with _LOCK:
+            scorer = _SCORERS.get(base)
+            if scorer is None:
+                scorer = _SCORERS[base] = cls(base)
+            return scorer
 
     def __init__(self, base: Base) -> None:
         self.base = base

@@ -18,9 +18,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from numpy.typing import ArrayLike
+from numpy.typing import ArrayLike, NDArray
 
-from evomerge_sdk.engine.operators import check_coefficients, keep_count
+from evomerge_sdk.engine import keep_count
+from evomerge_sdk.errors import ConfigError
 
 __all__ = ["MERGE_FORMS", "MergeForm", "keep_counts", "merge_module"]
 
@@ -33,6 +34,24 @@ def keep_counts(alpha: ArrayLike, size: int) -> list[int]:
     return [keep_count(float(k), size) for k in np.asarray(alpha, dtype=np.float64)]
 
 
+def _coefficients(
+    alpha: ArrayLike, beta: ArrayLike, n: int
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """alpha and beta as float vectors of n entries: finite, alpha in [0, 1]; ConfigError otherwise."""
+    try:
+        a = np.asarray(alpha, dtype=np.float64)
+        b = np.asarray(beta, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"alpha and beta must be numeric vectors: {exc}") from None
+    if a.shape != (n,) or b.shape != (n,):
+        raise ConfigError(f"alpha and beta must each have {n} entries, got shapes {a.shape} and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ConfigError("alpha and beta must be finite")
+    if (a < 0).any() or (a > 1).any():
+        raise ConfigError(f"alpha entries are kept fractions in [0, 1], got {a.min()}..{a.max()}")
+    return a, b
+
+
 def merge_module(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -43,7 +62,7 @@ def merge_module(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A_m, B_m) of one module from the stacks a (N, r, in), b (N, out, r) and magnitude ranks (N, r*in)."""
     n, r, d_in = a.shape
-    al, be = check_coefficients(alpha, beta, n)
+    al, be = _coefficients(alpha, beta, n)
     keep = torch.tensor(keep_counts(al, r * d_in), device=a.device, dtype=order_ranks.dtype)
     coef = torch.tensor(be, device=a.device, dtype=a.dtype)
     mask = order_ranks < keep[:, None]  # (N, r*in): S's kept entries

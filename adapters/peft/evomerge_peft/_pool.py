@@ -34,7 +34,7 @@ import attrs
 import numpy as np
 import torch
 
-from evomerge_sdk.engine.operators import magnitude_order
+from evomerge_sdk.engine import magnitude_order
 from evomerge_sdk.errors import ConfigError
 
 __all__ = ["AdapterPool", "Base", "load_base", "load_pool"]

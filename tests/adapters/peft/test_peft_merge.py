@@ -8,7 +8,7 @@ import torch
 from evomerge_peft import merge_module
 from evomerge_peft._pool import _order_ranks
 
-from evomerge_sdk.engine.operators import merge_lora, sparsify
+from evomerge_sdk.engine import merge_lora, sparsify
 
 
 def _vectors(seed: int, ties: bool) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:

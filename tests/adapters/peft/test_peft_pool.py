@@ -163,7 +163,7 @@ def _loss(base: Base, scorer: Scorer, folder: Path, data: TokenisedSet) -> float
 
 @pytest.fixture(scope="module")
 def scorer(base: Base) -> Scorer:
-    return Scorer(base)
+    return Scorer.of(base)
 
 
 def test_scaling_is_honoured(world: World, base: Base, scorer: Scorer, validation: TokenisedSet,

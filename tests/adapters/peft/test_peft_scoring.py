@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM
 
 @pytest.fixture(scope="module")
 def scorer(base: Base) -> Scorer:
-    return Scorer(base)
+    return Scorer.of(base)
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +102,13 @@ def test_minibatch_scores_the_chosen_examples(world: World, base: Base, scorer: 
 
 def test_bfloat16_on_cpu(world: World, validation: TokenisedSet) -> None:
     half = load_base(world.base, dtype="bfloat16")
-    scorer = Scorer(half)
+    scorer = Scorer.of(half)
     pool = load_pool(half, world.pool(world.targets[0]))
     n = len(pool)
     with scorer.merged(pool, np.ones(n), np.full(n, 1 / n), "paper") as model:
         low, _ = scorer.loss(model, validation)
     full = load_base(world.base)
-    ref = Scorer(full)
+    ref = Scorer.of(full)
     with ref.merged(
         load_pool(full, world.pool(world.targets[0])), np.ones(n), np.full(n, 1 / n), "paper"
     ) as m:
