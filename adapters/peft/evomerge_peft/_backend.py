@@ -169,8 +169,8 @@ class PeftBackend:
                 if self.adapter_paths.setdefault(adapter, path) != path:
                     raise ConfigError(f"adapter name {adapter!r} names two folders in different pools")
         self.datasets: dict[str, _Examples] = {}
-        for name, path in (datasets or {}).items():
-            data = tokenise(base.tokenizer, read_examples(path, base.tokenizer), batch_size)
+        for name, file in (datasets or {}).items():
+            data = tokenise(base.tokenizer, read_examples(file, base.tokenizer), batch_size)
             self.datasets[name] = _Examples(data, tuple(range(len(data))))
         default = next(iter(self.datasets)) if len(self.datasets) == 1 else None
         blob = json.dumps(
