@@ -384,6 +384,9 @@ class LocalService(AppServer):
                 "extensions": list(self.extensions),
                 "revision": self._backend().revision,
                 "auth": self._api_key is not None,
+                # The backend contract: every answer is a pure function of its request, whatever runs beside
+                # it, so clients may evaluate one session's candidates concurrently (DESIGN 3).
+                "concurrent_evaluation": "safe",
             }
         )
 

@@ -75,6 +75,7 @@ async def test_health_and_presets(
 ) -> None:
     status, _, health = await call(http, "GET", f"{service.url}/health")
     assert status == 200 and health["status"] == "ok" and health["extensions"] == list(EXTENSIONS)
+    assert health["concurrent_evaluation"] == "safe"
     status, _, presets = await call(http, "GET", f"{service.url}/v1/presets")
     ids = {p["preset_id"]: p for p in presets["items"]}
     assert set(ids) == {preset_id(t.name, 5) for t in repo.targets()} | {"hub"}

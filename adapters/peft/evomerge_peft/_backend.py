@@ -4,7 +4,8 @@
 Presets are pools (`--pool NAME=DIR ...`, all on one loaded base); datasets are JSONL files the server was
 given (`--data NAME=FILE`), each line `{"prompt", "completion"}` or `{"messages": [...]}` (the last message
 is the assistant's answer; the others go through the tokenizer's chat template). A session may also send
-the same objects inline. A session never names a file: the server reads only what its operator listed.
+the same objects inline; a session that names none scores the first dataset given. A session never names
+a file: the server reads only what its operator listed.
 
 Evaluate returns the mean token cross-entropy on completion tokens and the tokens read; materialize writes
 a PEFT adapter folder and serves it on the chat route; chat and complete generate with the base, any
@@ -24,6 +25,9 @@ from typing import Any
 import attrs
 import numpy as np
 import torch
+from numpy.typing import NDArray
+
+from evomerge_sdk.errors import ConfigError
 from evomerge_sdk.local.backend import (
     Decoding,
     Evaluation,
@@ -35,9 +39,6 @@ from evomerge_sdk.local.backend import (
     Preset,
 )
 from evomerge_sdk.local.repository_backend import choose_token
-from numpy.typing import NDArray
-
-from evomerge_sdk.errors import ConfigError
 
 from ._evaluate import Example, Scorer, TokenisedSet, tokenise
 from ._materialize import write_adapter
@@ -172,7 +173,7 @@ class PeftBackend:
         for name, file in (datasets or {}).items():
             data = tokenise(base.tokenizer, read_examples(file, base.tokenizer), batch_size)
             self.datasets[name] = _Examples(data, tuple(range(len(data))))
-        default = next(iter(self.datasets)) if len(self.datasets) == 1 else None
+        default = next(iter(self.datasets), None)  # the first dataset given: what a bare session scores
         blob = json.dumps(
             [str(base.path), {k: [str(p) for p in v.paths] for k, v in self.pools.items()}, merge_form],
             sort_keys=True,

@@ -44,7 +44,7 @@ async def service(backend: PeftBackend, tmp_path: Path) -> AsyncIterator[LocalSe
 async def test_health_presets_and_sessions(service: LocalService, world: World) -> None:
     async with MergeServiceClient(service.url) as client:
         health = await client.health()
-        assert health["status"] == "ok"
+        assert health["status"] == "ok" and health["concurrent_evaluation"] == "safe"
         (preset,) = await client.presets()
         assert preset.preset_id == "ood" and preset.adapter_count == len(world.pool(world.targets[0]))
         assert set(preset.datasets) == set(_datasets(world))
@@ -56,7 +56,10 @@ async def test_sixty_four_concurrent_evaluations_get_the_serial_losses(
     service: LocalService, world: World
 ) -> None:
     rng = np.random.default_rng(0)
-    async with MergeServiceClient(service.url, scheduler=Scheduler(max_concurrency=64)) as client:
+    async with (
+        Scheduler(max_concurrency=64) as scheduler,
+        MergeServiceClient(service.url, scheduler=scheduler) as client,
+    ):
         session = await client.create_session("ood", query_plus={"dataset": f"{world.targets[0]}:validation"})
         n = session.adapter_count
         vectors = [(rng.uniform(0.2, 1, n), rng.uniform(-0.5, 0.8, n)) for _ in range(64)]
@@ -147,6 +150,33 @@ async def test_chat_serves_base_adapters_and_materialised_merges(service: LocalS
         unknown = {"model": "no-such", "messages": [{"role": "user", "content": "x"}]}
         async with http.post(f"{service.url}/v1/chat/completions", json=unknown) as r:
             assert r.status == 404
+
+
+async def test_evomerge_serve_serves_a_peft_merge(service: LocalService, world: World) -> None:
+    # `evomerge serve merged.json --base-url <evomerge-peft serve>` runs exactly this server and model.
+    import aiohttp
+
+    from evomerge_sdk.merged import MergedModelServer, MergedSpec, open_merged
+
+    target = world.targets[0]
+    prompt = json.loads(world.data(target, "validation").read_text().splitlines()[0])["prompt"]
+    pool = tuple(world.pool(target))
+    n = len(pool)
+    spec = MergedSpec(mode="provider", pool=pool, alpha=[0.9] * n, beta=[1 / n] * n, preset_id="ood",
+                      source={"kind": "service", "base_url": service.url})  # fmt: skip
+    async with (
+        MergeServiceClient(service.url) as client,
+        open_merged(spec, base_url=service.url) as merged,
+        MergedModelServer(merged, port=0) as server,
+        aiohttp.ClientSession() as http,
+    ):
+        session = await client.create_session("ood")
+        want = await client.complete(session, spec.alpha, spec.beta, prompt)
+        chat = [{"role": "user", "content": prompt}]
+        body = {"model": server.model_name, "messages": chat, "max_tokens": 1}
+        async with http.post(f"{server.url}/v1/chat/completions", json=body) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["choices"][0]["message"]["content"] == want.text
 
 
 @pytest.fixture
