@@ -51,7 +51,7 @@ from ..errors import (
     UsageError,
 )
 from ..providers import ATTEMPT_TIMEOUT, ChatRequest, Completion, Provider, RateLimitInfo, TokenLogprob, Usage
-from ._budget import Budget, BudgetLedger, ModelPrice, Price, PriceTable, Spend, bind_prices
+from ._budget import Budget, BudgetLedger, ModelPrice, Price, PriceTable, Reservation, Spend, bind_prices
 from ._cache import CachedValue, ResponseCache, chat_cache_key
 from ._limiter import RateLimiter
 from ._metrics import Metrics, MetricsSnapshot, redact
@@ -67,8 +67,32 @@ _Bound = tuple[Usage, bool, "int | None"]
 _DEFAULT_LOG = get_logger("evomerge_sdk.scheduler")
 
 # Errors after which the API did no billable work: the reservation is released, not charged. A
-# ConfigError is the SDK refusing the request (an unsendable body, a closed provider) before it is sent.
-_NOT_SERVED = (RateLimited, ServerError, AuthenticationError, InvalidRequest, ConfigError)
+# ConfigError or UsageError is the SDK refusing the request (an unsendable body, a closed provider)
+# before it is sent.
+_NOT_SERVED = (RateLimited, ServerError, AuthenticationError, InvalidRequest, ConfigError, UsageError)
+
+
+@attrs.frozen
+class _Call:
+    """What every attempt of one call shares: its worst case as the ledger reserves it (tokens, cost in
+    picodollars, the input/output split), its model's limiter, and what its logs say."""
+
+    tokens: int
+    pico: int
+    split: dict[str, int | None]
+    limiter: RateLimiter
+    model: str
+    label: str
+    key: str | None
+    debug: dict[str, Any] | None
+    started: float
+
+
+@attrs.define
+class _Sent:
+    """When an attempt's request left (None: it never did, so the API cannot have billed it)."""
+
+    at: float | None = None
 
 
 @attrs.frozen
@@ -396,140 +420,190 @@ class Scheduler:
         debug: dict[str, Any] | None,
         key: str | None,
     ) -> tuple[CallResult, Any]:
-        m = self._metrics
+        """Reserve, attempt, settle; again after a retryable failure. The call's result and `fn`'s value."""
         started = time.perf_counter()
         bound = worst if isinstance(worst, tuple) else await worst()
         worst_usage, input_counted, ceiling = bound
-        need_tokens = worst_usage.input_tokens + worst_usage.output_tokens
-        need_pico = price.worst(worst_usage.input_tokens, worst_usage.output_tokens)
-        split = {
-            "input_tokens": worst_usage.input_tokens if input_counted else None,
-            "output_tokens": worst_usage.output_tokens,
-            "input_ceiling": ceiling,
-        }
-        limiter = self.limiter(price.model)
-        ledger = self._ledger
+        call = _Call(
+            tokens=worst_usage.input_tokens + worst_usage.output_tokens,
+            pico=price.worst(worst_usage.input_tokens, worst_usage.output_tokens),
+            split={
+                "input_tokens": worst_usage.input_tokens if input_counted else None,
+                "output_tokens": worst_usage.output_tokens,
+                "input_ceiling": ceiling,
+            },
+            limiter=self.limiter(price.model),
+            model=price.model,
+            label=label,
+            key=key,
+            debug=debug,
+            started=started,
+        )
         attempt = 0
         while True:
             attempt += 1
+            res = await self._reserve(call)
+            sent = _Sent()
             try:
-                res = ledger.try_reserve(need_tokens, need_pico, **split)
-                if res is None:
-                    res = await ledger.reserve(need_tokens, need_pico, **split)
-            except BudgetExceeded as exc:
-                self._reject(exc, price.model, label)
-                raise
-            sent = False
-            t0 = 0.0
-            slots = self._slots
-            try:
-                if not slots.try_acquire():
-                    await slots.acquire()
-                try:
-                    if limiter.active:  # a start further away than the timeout fails now, as Timeout
-                        await limiter.acquire(need_tokens, max_wait=self._timeout)
-                    sent = True
-                    m.requests += 1
-                    m.in_flight += 1
-                    t0 = time.perf_counter()
-                    try:
-                        if self._timeout is None:
-                            raw = await fn()
-                        else:
-                            token = ATTEMPT_TIMEOUT.set(self._timeout)
-                            try:
-                                if self._native_timeout is not None:
-                                    async with self._native_timeout(self._timeout):
-                                        raw = await fn()
-                                else:
-                                    with anyio.fail_after(self._timeout):
-                                        raw = await fn()
-                            finally:
-                                ATTEMPT_TIMEOUT.reset(token)
-                        out = convert(raw)  # a malformed return is an error of a sent request
-                    finally:
-                        m.in_flight -= 1
-                finally:
-                    slots.release()
-                # The ledger's rules: no usage is an unknown outcome (the reservation is spent); an
-                # impossible one spends the reservation and raises BadResponse (retried, never cached).
-                if out.usage is None:
-                    usage, cost = res.as_usage(), res.pico
-                else:
-                    usage, cost = out.usage, price.cost(out.usage)
-                within = ledger.settle(res, out.usage, cost)
+                raw, out = await self._attempt(fn, convert, call, sent)
+                usage, cost, within = self._settle(res, out, price)
             except BaseException as exc:
-                if isinstance(exc, BadResponse) and not res.open:
-                    m.reservation_overruns += 1
-                if not sent or isinstance(exc, _NOT_SERVED):
-                    ledger.release(res)
-                else:
-                    ledger.charge_reserved(res)
-                if not isinstance(exc, Exception):
-                    raise  # cancellation and friends: the reservation is settled, nothing else to do
-                err: Exception = exc
-                if isinstance(exc, TimeoutError):
-                    err = RequestTimeout(f"no answer within {self._timeout} s", status=None)
-                delay = self._retry.delay(err, attempt, self._rng)
-                info = getattr(err, "rate_limits", None)  # any provider error may carry the API's limits
-                if isinstance(info, RateLimitInfo):
-                    limiter.observe(info)
-                if isinstance(err, RateLimited):
-                    m.rate_limited += 1
-                    limiter.pause(err.retry_after if err.retry_after is not None else (delay or 0.0))
-                if delay is None:
-                    m.failed += 1
-                    self._log.warning(
-                        "request_failed", model=price.model, label=label, attempt=attempt, **_describe(err)
-                    )
-                    if err is exc:
-                        raise
-                    raise err from exc
-                m.retries += 1
-                self._log.info(
-                    "request_retry",
-                    model=price.model,
-                    label=label,
-                    attempt=attempt,
-                    delay_s=round(delay, 4),
-                    **_describe(err),
-                )
-                await anyio.sleep(delay)
+                await anyio.sleep(self._after_failure(exc, res, sent.at is not None, attempt, call))
                 continue
-            if not within:
-                m.reservation_overruns += 1
-                self._log.warning(
-                    "reservation_overrun",
-                    model=price.model,
-                    label=label,
-                    reserved_tokens=need_tokens,
-                    used_tokens=usage.total_tokens,
-                )
-            now = time.perf_counter()
-            m.succeeded += 1
-            if out.usage is not None:  # an unknown usage is in spent().unknown_tokens only
-                m.tokens_in += usage.input_tokens
-                m.tokens_out += usage.output_tokens
-                m.cached_tokens += usage.cached_tokens
-                m.cost_pico += cost
-            m.latencies.append(now - t0)
-            m.total_latencies.append(now - started)
-            if out.rate_limits is not None:
-                limiter.observe(out.rate_limits)
-            if self._debug:
-                self._log.debug(
-                    "request",
-                    model=price.model,
-                    label=label,
-                    key=key[:12] if key else None,
-                    attempt=attempt,
-                    latency_ms=round((now - t0) * 1e3, 3),
-                    input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens,
-                    cost_usd=cost / 10**12,
-                    **(debug or {}),
-                )
+            assert sent.at is not None
+            self._record(call, out, usage, cost, within, sent.at, attempt)
             return CallResult(out.value, usage, cached=False, attempts=attempt), raw
+
+    async def _reserve(self, call: _Call) -> Reservation:
+        """Hold the call's worst case under the budget, waiting while reservations in flight may free room;
+        BudgetExceeded (logged, counted) when it cannot fit even then."""
+        ledger = self._ledger
+        try:
+            res = ledger.try_reserve(call.tokens, call.pico, **call.split)
+            if res is None:
+                res = await ledger.reserve(call.tokens, call.pico, **call.split)
+        except BudgetExceeded as exc:
+            self._reject(exc, call.model, call.label)
+            raise
+        return res
+
+    async def _attempt(
+        self,
+        fn: Callable[[], Awaitable[Any]],
+        convert: Callable[[Any], Outcome],
+        call: _Call,
+        sent: _Sent,
+    ) -> tuple[Any, Outcome]:
+        """Send the call once: a concurrency slot, the rate limiter, then `fn` under the attempt timeout.
+        `sent.at` is set once the request leaves, so a failure knows whether the API may have billed it."""
+        m = self._metrics
+        slots = self._slots
+        if not slots.try_acquire():
+            await slots.acquire()
+        try:
+            if call.limiter.active:  # a start further away than the timeout fails now, as Timeout
+                await call.limiter.acquire(call.tokens, max_wait=self._timeout)
+            m.requests += 1
+            m.in_flight += 1
+            sent.at = time.perf_counter()
+            try:
+                raw = await self._timed(fn)
+                return raw, convert(raw)  # a malformed return is an error of a sent request
+            finally:
+                m.in_flight -= 1
+        finally:
+            slots.release()
+
+    async def _timed(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+        """`fn()` within the per-attempt timeout (the provider is told it through ATTEMPT_TIMEOUT)."""
+        if self._timeout is None:
+            return await fn()
+        token = ATTEMPT_TIMEOUT.set(self._timeout)
+        try:
+            if self._native_timeout is not None:
+                async with self._native_timeout(self._timeout):
+                    return await fn()
+            with anyio.fail_after(self._timeout):
+                return await fn()
+        finally:
+            ATTEMPT_TIMEOUT.reset(token)
+
+    def _settle(self, res: Reservation, out: Outcome, price: ModelPrice) -> tuple[Usage, int, bool]:
+        """Spend what the answer used, and whether it stayed within its reservation. The ledger's rules: no
+        usage is an unknown outcome (the reservation is spent); an impossible one spends the reservation
+        and raises BadResponse (retried, never cached)."""
+        if out.usage is None:
+            usage, cost = res.as_usage(), res.pico
+        else:
+            usage, cost = out.usage, price.cost(out.usage)
+        return usage, cost, self._ledger.settle(res, out.usage, cost)
+
+    def _after_failure(
+        self,
+        exc: BaseException,
+        res: Reservation,
+        sent: bool,
+        attempt: int,
+        call: _Call,
+    ) -> float:
+        """Settle a failed attempt's reservation and learn from its error (rate limits, pauses); the delay
+        before the next attempt, or the error raised when it is final."""
+        m, ledger = self._metrics, self._ledger
+        if isinstance(exc, BadResponse) and not res.open:
+            m.reservation_overruns += 1
+        if not sent or isinstance(exc, _NOT_SERVED):
+            ledger.release(res)
+        else:
+            ledger.charge_reserved(res)
+        if not isinstance(exc, Exception):
+            raise exc  # cancellation and friends: the reservation is settled, nothing else to do
+        err: Exception = exc
+        if isinstance(exc, TimeoutError):
+            err = RequestTimeout(f"no answer within {self._timeout} s", status=None)
+        delay = self._retry.delay(err, attempt, self._rng)
+        info = getattr(err, "rate_limits", None)  # any provider error may carry the API's limits
+        if isinstance(info, RateLimitInfo):
+            call.limiter.observe(info)
+        if isinstance(err, RateLimited):
+            m.rate_limited += 1
+            call.limiter.pause(err.retry_after if err.retry_after is not None else (delay or 0.0))
+        if delay is None:
+            m.failed += 1
+            self._log.warning(
+                "request_failed", model=call.model, label=call.label, attempt=attempt, **_describe(err)
+            )
+            if err is exc:
+                raise exc
+            raise err from exc
+        m.retries += 1
+        self._log.info(
+            "request_retry",
+            model=call.model,
+            label=call.label,
+            attempt=attempt,
+            delay_s=round(delay, 4),
+            **_describe(err),
+        )
+        return delay
+
+    def _record(
+        self, call: _Call, out: Outcome, usage: Usage, cost: int, within: bool, sent_at: float, attempt: int
+    ) -> None:
+        """A success in the metrics, the limiter (the API's reported limits) and the log."""
+        m = self._metrics
+        if not within:
+            m.reservation_overruns += 1
+            self._log.warning(
+                "reservation_overrun",
+                model=call.model,
+                label=call.label,
+                reserved_tokens=call.tokens,
+                used_tokens=usage.total_tokens,
+            )
+        now = time.perf_counter()
+        m.succeeded += 1
+        if out.usage is not None:  # an unknown usage is in spent().unknown_tokens only
+            m.tokens_in += usage.input_tokens
+            m.tokens_out += usage.output_tokens
+            m.cached_tokens += usage.cached_tokens
+            m.cost_pico += cost
+        m.latencies.append(now - sent_at)
+        m.total_latencies.append(now - call.started)
+        if out.rate_limits is not None:
+            call.limiter.observe(out.rate_limits)
+        if self._debug:
+            self._log.debug(
+                "request",
+                model=call.model,
+                label=call.label,
+                key=call.key[:12] if call.key else None,
+                attempt=attempt,
+                latency_ms=round((now - sent_at) * 1e3, 3),
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cost_usd=cost / 10**12,
+                **(call.debug or {}),
+            )
 
     def _reject(self, exc: BudgetExceeded, model: str, label: str) -> None:
         m = self._metrics
