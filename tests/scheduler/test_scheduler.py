@@ -363,3 +363,17 @@ async def test_a_cancelled_leader_hands_over_to_a_waiting_duplicate() -> None:
         assert got == ["echo: question dup"]
         assert server.stats.served_requests == 1  # the leader's request was abandoned, not served
         assert s.metrics().dedup_hits == 0 and s.spent().reserved_tokens == 0
+
+
+@pytest.mark.anyio
+async def test_a_request_the_sdk_refuses_before_sending_costs_nothing() -> None:
+    # A closed provider raises UsageError (a ConfigError before 0.2): nothing was billed, so the
+    # reservation is released rather than charged.
+    async def closed() -> Outcome:
+        raise UsageError("the echo provider is closed")
+
+    async with Scheduler(budget=Budget(tokens=1_000)) as s:
+        with pytest.raises(UsageError, match="closed"):
+            await s.call(closed, model="local-service", reserve=Usage(300, 0))
+        spent = s.spent()
+        assert spent.input_tokens == spent.output_tokens == spent.unknown_tokens == 0
