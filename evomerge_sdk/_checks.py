@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import math
+from typing import TypeGuard
 
 from .errors import ConfigError
 
 
-def is_int(value: object) -> bool:
+def is_int(value: object) -> TypeGuard[int]:
     """An int that is not a bool (True is an int to Python, never a count to a user)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> TypeGuard[int | float]:
+    """An int or float that is not a bool (finite or not: the caller says what range it takes)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def is_number(value: object) -> bool:

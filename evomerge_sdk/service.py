@@ -33,7 +33,7 @@ import attrs
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._checks import check_number
+from ._checks import check_number, is_int, is_real
 from ._io import canonical_json
 from ._logs import get_logger
 from .engine._operators import check_coefficients
@@ -140,7 +140,7 @@ def _check_session(session: object) -> None:
 def _number(value: Any, where: str, *, allow_null: bool = False) -> float | None:
     if value is None and allow_null:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real(value):
         raise BadResponse(f"{where} should be a number, got {value!r:.80}")
     return float(value)
 
@@ -148,7 +148,7 @@ def _number(value: Any, where: str, *, allow_null: bool = False) -> float | None
 def _count(value: Any, where: str) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_int(value) or value < 0:
         raise BadResponse(f"{where} should be a non-negative integer, got {value!r:.80}")
     return value
 
@@ -483,7 +483,7 @@ class MergeServiceClient:
         _check_session(session)
         if not check_text(prompt, "prompt").strip():
             raise ConfigError("prompt must be a non-empty string")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        if not is_int(max_tokens) or max_tokens < 1:
             raise ConfigError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         if temperature is not None and (
             isinstance(temperature, bool)

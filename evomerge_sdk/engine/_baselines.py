@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import attrs
 import numpy as np
 
-from .._checks import is_number
+from .._checks import is_int, is_number
 from ..errors import BudgetExceeded, ConfigError, EvomergeError
 from ._cmaes import StopReason
 from ._config import LORAHUB
@@ -41,7 +41,7 @@ __all__ = [
 
 
 def _check_n(n_models: int) -> None:
-    if isinstance(n_models, bool) or not isinstance(n_models, int) or n_models < 1:
+    if not is_int(n_models) or n_models < 1:
         raise ConfigError(f"n_models must be a positive integer, got {n_models!r}")
 
 
@@ -154,7 +154,7 @@ async def random_search(
         ("max_evaluations", max_evaluations, 1),
         ("seed", seed, 0),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not is_int(value) or value < low:
             raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
     for name, bounds, box in (("alpha_bounds", alpha_bounds, (0.0, 1.0)), ("beta_bounds", beta_bounds, None)):
         if not (isinstance(bounds, tuple) and len(bounds) == 2 and all(map(is_number, bounds))):

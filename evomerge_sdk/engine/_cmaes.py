@@ -33,6 +33,7 @@ import attrs
 import numpy as np
 from numpy.typing import ArrayLike
 
+from .._checks import is_int
 from .._types import FloatArray
 from ..errors import ConfigError, UsageError
 
@@ -62,7 +63,7 @@ class StopReason(str, enum.Enum):
 
 
 def _optional_positive_int(_: Any, attribute: attrs.Attribute[Any], value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+    if value is not None and (not is_int(value) or value < 0):
         raise ConfigError(f"{attribute.name} must be a non-negative integer or None, got {value!r}")
 
 

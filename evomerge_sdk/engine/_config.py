@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import attrs
 
-from .._checks import is_int, is_number
+from .._checks import is_int, is_number, is_real
 from ..errors import ConfigError
 from ._cmaes import default_popsize
 
@@ -49,7 +49,7 @@ def _check_stage(stage: StageConfig) -> None:
 
     for name in ("sigma", "lower", "upper", "penalty", "tolfun", "tolx"):
         value = getattr(stage, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_real(value) or not math.isfinite(value):
             raise fail(f"{name} must be a finite number, got {value!r}")
     if stage.sigma <= 0:
         raise fail(f"sigma must be > 0, got {stage.sigma}")
@@ -156,7 +156,7 @@ class EarlyStopping:
     min_delta: float = 0.0
 
     def __attrs_post_init__(self) -> None:
-        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+        if not is_int(self.patience) or self.patience < 1:
             raise ConfigError(f"early stopping patience must be an integer >= 1, got {self.patience!r}")
         if not (is_number(self.min_delta) and self.min_delta >= 0):
             raise ConfigError(f"early stopping min_delta must be >= 0, got {self.min_delta!r}")
@@ -199,7 +199,7 @@ class SearchConfig:
             raise ConfigError("a search needs at least one stage (denoise or scale)")
         if not (is_number(self.fixed_alpha) and 0 <= self.fixed_alpha <= 1):
             raise ConfigError(f"fixed_alpha must be in [0, 1], got {self.fixed_alpha!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         stop = self.early_stopping
         for stage in self.stages():

@@ -22,6 +22,7 @@ import attrs
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from .._checks import is_int
 from .._types import FloatArray
 from ..errors import ConfigError
 
@@ -111,7 +112,7 @@ class EvaluationContext:
 
     def __attrs_post_init__(self) -> None:
         size = self.batch_size
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        if size is not None and (not is_int(size) or size < 1):
             raise ConfigError(f"batch_size must be None (the whole split) or an integer >= 1, got {size!r}")
 
     def minibatch(self, n_examples: int) -> NDArray[np.intp] | None:

@@ -12,6 +12,7 @@ import math
 
 import attrs
 
+from .._checks import is_int
 from ..errors import ConfigError
 from ._config import SearchConfig, StageConfig
 
@@ -40,7 +41,7 @@ def planned_queries(config: SearchConfig, n: int, examples: int, held_out: int =
     if not isinstance(config, SearchConfig):
         raise ConfigError(f"config must be a SearchConfig (see preset), got {config!r:.60}")
     for name, value in (("n", n), ("examples", examples), ("held_out", held_out)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not is_int(value) or value < 0:
             raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
     if n < 1 or examples < 1:
         raise ConfigError(f"a search needs a model and an example, got n={n}, examples={examples}")
@@ -69,7 +70,7 @@ def fit_to_queries(
     Every stage keeps its share of the generations, so a preset's design (how it splits its budget between
     denoising and scaling, how often it re-scores) carries over to any spend.
     """
-    if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1:
+    if not is_int(max_queries) or max_queries < 1:
         raise ConfigError(f"max_queries must be a positive integer, got {max_queries!r}")
     smallest = _scaled(config, 0.0, n)
     if planned_queries(smallest, n, examples, held_out) > max_queries:

@@ -38,6 +38,7 @@ import anyio.to_thread
 import attrs
 import numpy as np
 
+from .._checks import is_int
 from .._io import write_json_atomic
 from .._types import FloatArray
 from ..errors import BudgetExceeded, ConfigError, EvomergeError
@@ -391,7 +392,7 @@ class EvoMerge:
         checkpoint: str | os.PathLike[str] | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> None:
-        if isinstance(n_models, bool) or not isinstance(n_models, int) or n_models < 1:
+        if not is_int(n_models) or n_models < 1:
             raise ConfigError(f"n_models must be a positive integer, got {n_models!r}")
         if not isinstance(config, SearchConfig):
             raise ConfigError(f"config must be a SearchConfig, got {type(config).__name__}")

@@ -20,6 +20,7 @@ import aiohttp
 import attrs
 from yarl import URL
 
+from .._checks import is_real
 from .._logs import get_logger
 from ..errors import (
     AuthenticationError,
@@ -106,7 +107,7 @@ class HTTPClient:
         session: aiohttp.ClientSession | None,
         secrets: Sequence[str],
     ) -> None:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        if not is_real(timeout) or not timeout > 0:
             raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.provider = provider
         self.timeout = float(timeout)

@@ -52,6 +52,7 @@ import attrs
 import numpy as np
 from numpy.typing import ArrayLike
 
+from .._checks import is_int, is_real
 from .._io import write_npz_atomic
 from .._types import Float32Array, FloatArray, IntArray
 from ..errors import ConfigError
@@ -91,22 +92,22 @@ def _positive(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
 
 
 def _positive_int(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
 
 
 def _non_negative(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+    if not is_real(value) or not value >= 0:
         raise ConfigError(f"{attribute.name} must be a number >= 0, got {value!r}")
 
 
 def _non_negative_int(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_int(value) or value < 0:
         raise ConfigError(f"{attribute.name} must be a non-negative integer, got {value!r}")
 
 
 def _int(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise ConfigError(f"{attribute.name} must be an integer, got {value!r}")
 
 
@@ -115,7 +116,7 @@ def _int_tuple(values: Iterable[int]) -> tuple[int, ...]:
 
 
 def _sizes(_: object, attribute: attrs.Attribute[Any], value: tuple[int, ...]) -> None:
-    if not value or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
+    if not value or any(not is_int(v) or v < 1 for v in value):
         raise ConfigError(f"{attribute.name} must be a non-empty tuple of positive integers, got {value!r}")
 
 
@@ -347,7 +348,7 @@ class Repository:
         the rest drawn from everything else.
         """
         tgt = self.target(target)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if not is_int(size) or size < 1:
             raise ConfigError(f"pool size must be a positive integer, got {size!r}")
         candidates = [a.name for a in self.adapters if not (a.name == tgt.specialist and tgt.kind == "ood")]
         if size > len(candidates):
@@ -437,7 +438,7 @@ class Repository:
 
     def top_logprobs(self, weights: ModelWeights, prompt: str, k: int = 5) -> list[tuple[str, float]]:
         """The `k` most likely next tokens of one text prompt with their log-probabilities."""
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self.world.tokenizer):
+        if not is_int(k) or not 1 <= k <= len(self.world.tokenizer):
             raise ConfigError(f"k must be an integer in [1, {len(self.world.tokenizer)}], got {k!r}")
         row = self.next_token_logprobs(weights, [prompt])[0]
         best = np.argsort(-row, kind="stable")[:k]

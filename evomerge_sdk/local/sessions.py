@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import numpy as np
 
+from .._checks import is_int
 from .._io import canonical_json
 from .._types import FloatArray, IntArray
 from .backend import Decoding, ExampleSet, InvalidField, MalformedRequest, MergeBackend, NotFound, Preset
@@ -153,7 +154,7 @@ def parse_examples_indices(value: object, n: int) -> IntArray | None:
         return None
     if not isinstance(value, list) or not value:
         raise InvalidField("examples must be a non-empty list of example indices (omit it to score all)")
-    if any(isinstance(i, bool) or not isinstance(i, int) for i in value):
+    if any(not is_int(i) for i in value):
         raise InvalidField("examples must hold integer indices")
     idx = np.array(value, dtype=np.int64)
     if idx[0] < 0 or idx[-1] >= n:

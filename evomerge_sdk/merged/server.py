@@ -24,6 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .._checks import is_int
 from .._logs import get_logger
 from ..errors import BudgetExceeded, ConfigError, EvomergeError, ProviderError
 from ..http.server import AppServer, Refusal, is_loopback, until_terminated
@@ -60,7 +61,7 @@ def _positive(body: dict[str, Any], name: str) -> int | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise Refusal(400, f"{name} must be a positive integer, got {value!r}")
     return value
 
@@ -88,9 +89,9 @@ class MergedModelServer(AppServer):
             raise ConfigError("api_key must be a non-empty string or None")
         if not is_loopback(host) and api_key is None:
             raise ConfigError(f"listening on {host!r} (not loopback) needs an api_key")
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        if not is_int(port) or not 0 <= port <= 65535:
             raise ConfigError(f"port must be an integer in [0, 65535], got {port!r}")
-        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1024:
+        if not is_int(max_body_bytes) or max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes must be an integer >= 1024, got {max_body_bytes!r}")
         self.model = model
         self.host, self.port = host, port
@@ -146,7 +147,7 @@ class MergedModelServer(AppServer):
         if not isinstance(logprobs, bool):
             raise Refusal(400, "logprobs must be true or false")
         top = body.get("top_logprobs")
-        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+        if top is not None and (not is_int(top) or not 0 <= top <= 20):
             raise Refusal(400, "top_logprobs must be an integer in [0, 20]")
         if top and not logprobs:
             raise Refusal(400, "top_logprobs needs logprobs=true")

@@ -32,7 +32,7 @@ import attrs
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .._checks import is_number
+from .._checks import is_int, is_number
 from .._types import FloatArray, IntArray
 from ..engine._objective import Candidate, EvaluationContext, Split
 from ..engine._operators import keep_count, magnitude_order
@@ -184,7 +184,7 @@ class LabelledExamples:
 
 
 def _positive(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
 
 
@@ -217,7 +217,7 @@ class ScoringConfig:
             raise ConfigError(f"top_logprobs must be at most 20, got {self.top_logprobs}")
         if not (is_number(self.temperature) and self.temperature > 0):
             raise ConfigError(f"temperature (for voting) must be > 0, got {self.temperature!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not is_int(self.seed):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         for name in ("seed_field", "system"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):

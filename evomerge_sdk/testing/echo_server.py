@@ -31,6 +31,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from .._checks import is_int
 from .._io import canonical_json
 from ..errors import (
     AuthenticationError,
@@ -157,7 +158,7 @@ class EchoServer(AppServer):
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ConfigError("messages must be a list of {role, content} objects")
         seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        if seed is not None and (not is_int(seed)):
             raise ConfigError(f"seed must be an integer, got {seed!r}")
         return ChatRequest(
             model=body.get("model", ""),

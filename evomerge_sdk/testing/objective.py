@@ -26,6 +26,7 @@ from typing import Literal
 import attrs
 import numpy as np
 
+from .._checks import is_int
 from .._types import FloatArray, IndexArray
 from ..engine._objective import Candidate, EvaluationContext, Split
 from ..errors import BudgetExceeded, ConfigError
@@ -67,11 +68,9 @@ class LocalObjective:
         max_queries: int | None = None,
         cache_size: int = 20_000,
     ) -> None:
-        if max_queries is not None and (
-            isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1
-        ):
+        if max_queries is not None and (not is_int(max_queries) or max_queries < 1):
             raise ConfigError(f"max_queries must be None or a positive integer, got {max_queries!r}")
-        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
+        if not is_int(cache_size) or cache_size < 0:
             raise ConfigError(f"cache_size must be a non-negative integer, got {cache_size!r}")
         self.repository = repository
         self.target = repository.target(target)
