@@ -9,30 +9,72 @@ class Config:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from ._checks import check_number
+from ._checks import check_number, is_int
 from .errors import ConfigError
 
-__all__ = ["as_path", "folder", "non_negative_int", "optional_path", "optional_positive_int", "positive_int"]
+__all__ = [
+    "as_path",
+    "folder",
+    "integer",
+    "non_negative_int",
+    "number",
+    "optional_path",
+    "optional_positive_int",
+    "positive_int",
+    "probability",
+]
+
+Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
 
 
-def positive_int(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    """An integer >= 1 (not a bool)."""
-    check_number(attribute.name, value, integer=True)
+def number(
+    *,
+    strict: bool = True,
+    integer: bool = False,
+    allow_none: bool = False,
+    unit: str = "",
+    prefix: str = "",
+) -> Validator:
+    """A finite number > 0 (>= 0 unless `strict`; an int if `integer`; None if `allow_none`)."""
+
+    def check(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        check_number(
+            prefix + attribute.name, value, strict=strict, integer=integer, allow_none=allow_none, unit=unit
+        )
+
+    return check
 
 
-def non_negative_int(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    """An integer >= 0 (not a bool)."""
-    check_number(attribute.name, value, integer=True, strict=False)
+def probability(*, prefix: str = "") -> Validator:
+    """A number in [0, 1]."""
+    at_least_zero = number(strict=False, prefix=prefix)
+
+    def check(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        at_least_zero(inst, attribute, value)
+        if value > 1:
+            raise ConfigError(f"{prefix}{attribute.name} is a probability in [0, 1], got {value!r}")
+
+    return check
 
 
-def optional_positive_int(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    """None or an integer >= 1."""
-    check_number(attribute.name, value, integer=True, allow_none=True)
+def integer(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """Any integer (not a bool), negative ones too: a seed."""
+    if not is_int(value):
+        raise ConfigError(f"{attribute.name} must be an integer, got {value!r}")
+
+
+positive_int = number(integer=True)
+"""An integer >= 1 (not a bool)."""
+non_negative_int = number(integer=True, strict=False)
+"""An integer >= 0 (not a bool)."""
+optional_positive_int = number(integer=True, allow_none=True)
+"""None or an integer >= 1."""
 
 
 def folder(_: object, attribute: attrs.Attribute[Any], value: Path | None) -> None:

@@ -33,8 +33,8 @@ import attrs
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .._checks import is_int
 from .._types import FloatArray
+from .._validators import number
 from ..errors import ConfigError, UsageError
 
 __all__ = ["CMA", "BoxTransform", "StopCriteria", "StopReason", "default_popsize"]
@@ -62,14 +62,7 @@ class StopReason(str, enum.Enum):
     COMPLETED = "completed"
 
 
-def _optional_positive_int(_: Any, attribute: attrs.Attribute[Any], value: int | None) -> None:
-    if value is not None and (not is_int(value) or value < 0):
-        raise ConfigError(f"{attribute.name} must be a non-negative integer or None, got {value!r}")
-
-
-def _non_negative(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not (isinstance(value, (int, float)) and value >= 0):
-        raise ConfigError(f"{attribute.name} must be a number >= 0, got {value!r}")
+_NON_NEGATIVE = number(strict=False)
 
 
 @attrs.frozen
@@ -80,12 +73,14 @@ class StopCriteria:
     exceed it. `target` stops once the best value is <= target.
     """
 
-    max_evaluations: int | None = attrs.field(default=None, validator=_optional_positive_int)
+    max_evaluations: int | None = attrs.field(
+        default=None, validator=number(integer=True, strict=False, allow_none=True)
+    )
     target: float | None = None
-    tolfun: float = attrs.field(default=1e-11, validator=_non_negative)
-    tolx: float = attrs.field(default=1e-11, validator=_non_negative)
+    tolfun: float = attrs.field(default=1e-11, validator=_NON_NEGATIVE)
+    tolx: float = attrs.field(default=1e-11, validator=_NON_NEGATIVE)
     stagnation: bool = True
-    max_condition: float = attrs.field(default=1e14, validator=_non_negative)
+    max_condition: float = attrs.field(default=1e14, validator=_NON_NEGATIVE)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""

@@ -31,6 +31,7 @@ import attrs
 from aiohttp import web
 
 from .._checks import check_number
+from .._validators import number, probability
 from ..errors import ConfigError
 
 __all__ = [
@@ -49,14 +50,8 @@ TokenCost = Callable[[web.Request], Awaitable[int]]
 _FAULT_ORDER = ("rate_limit", "server_error", "hang", "slow", "drop", "malformed")
 
 
-def _rate(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
-    check_number(f"FaultConfig.{attr.name}", value, strict=False)
-    if value > 1:
-        raise ConfigError(f"FaultConfig.{attr.name} is a probability in [0, 1], got {value!r}")
-
-
-def _seconds(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
-    check_number(f"FaultConfig.{attr.name}", value, strict=False, unit="seconds")
+_RATE = probability(prefix="FaultConfig.")
+_SECONDS = number(strict=False, unit="seconds", prefix="FaultConfig.")
 
 
 @attrs.frozen
@@ -64,16 +59,16 @@ class FaultConfig:
     """What to inject, and how often (probabilities per request; their sum must not exceed 1)."""
 
     seed: int = 0
-    rate_limit_rate: float = attrs.field(default=0.0, validator=_rate)
-    retry_after: float = attrs.field(default=0.05, validator=_seconds)
-    error_rate: float = attrs.field(default=0.0, validator=_rate)
-    hang_rate: float = attrs.field(default=0.0, validator=_rate)
-    hang_seconds: float = attrs.field(default=30.0, validator=_seconds)
-    slow_rate: float = attrs.field(default=0.0, validator=_rate)
-    slow_seconds: float = attrs.field(default=0.2, validator=_seconds)
-    drop_rate: float = attrs.field(default=0.0, validator=_rate)
-    malformed_rate: float = attrs.field(default=0.0, validator=_rate)
-    latency: float = attrs.field(default=0.0, validator=_seconds)
+    rate_limit_rate: float = attrs.field(default=0.0, validator=_RATE)
+    retry_after: float = attrs.field(default=0.05, validator=_SECONDS)
+    error_rate: float = attrs.field(default=0.0, validator=_RATE)
+    hang_rate: float = attrs.field(default=0.0, validator=_RATE)
+    hang_seconds: float = attrs.field(default=30.0, validator=_SECONDS)
+    slow_rate: float = attrs.field(default=0.0, validator=_RATE)
+    slow_seconds: float = attrs.field(default=0.2, validator=_SECONDS)
+    drop_rate: float = attrs.field(default=0.0, validator=_RATE)
+    malformed_rate: float = attrs.field(default=0.0, validator=_RATE)
+    latency: float = attrs.field(default=0.0, validator=_SECONDS)
     max_faults_per_request: int | None = 2
 
     def __attrs_post_init__(self) -> None:

@@ -52,9 +52,10 @@ import attrs
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .._checks import is_int, is_real
+from .._checks import is_int
 from .._io import write_npz_atomic
 from .._types import Float32Array, FloatArray, IntArray
+from .._validators import integer, non_negative_int, number, positive_int
 from ..errors import ConfigError
 from ..objectives.metrics import Metrics, score_logprobs
 from ._blas import single_threaded_blas
@@ -81,36 +82,6 @@ Role = Literal["specialist", "same-domain", "same-type", "other-task", "harmful"
 _BASE_FIELDS = ("embedding", "w1", "b1", "w2", "b2", "w3", "b3")
 
 
-def _positive(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not value > 0
-        or value == float("inf")
-    ):
-        raise ConfigError(f"{attribute.name} must be a positive finite number, got {value!r}")
-
-
-def _positive_int(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not is_int(value) or value < 1:
-        raise ConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
-
-
-def _non_negative(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not is_real(value) or not value >= 0:
-        raise ConfigError(f"{attribute.name} must be a number >= 0, got {value!r}")
-
-
-def _non_negative_int(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not is_int(value) or value < 0:
-        raise ConfigError(f"{attribute.name} must be a non-negative integer, got {value!r}")
-
-
-def _int(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not is_int(value):
-        raise ConfigError(f"{attribute.name} must be an integer, got {value!r}")
-
-
 def _int_tuple(values: Iterable[int]) -> tuple[int, ...]:
     return tuple(values)
 
@@ -118,6 +89,10 @@ def _int_tuple(values: Iterable[int]) -> tuple[int, ...]:
 def _sizes(_: object, attribute: attrs.Attribute[Any], value: tuple[int, ...]) -> None:
     if not value or any(not is_int(v) or v < 1 for v in value):
         raise ConfigError(f"{attribute.name} must be a non-empty tuple of positive integers, got {value!r}")
+
+
+_POSITIVE = number()
+_NON_NEGATIVE = number(strict=False)
 
 
 @attrs.frozen
@@ -131,40 +106,40 @@ class RepositoryConfig:
     Targets: how many out-of-domain and in-domain targets, and their split sizes.
     """
 
-    seed: int = attrs.field(default=0, validator=_int)
-    n_types: int = attrs.field(default=5, validator=_positive_int)
-    n_domains: int = attrs.field(default=20, validator=_positive_int)
-    n_labels: int = attrs.field(default=8, validator=_positive_int)
-    general_words: int = attrs.field(default=80, validator=_positive_int)
-    domain_words: int = attrs.field(default=10, validator=_positive_int)
-    general_features: int = attrs.field(default=4, validator=_positive_int)
-    domain_features: int = attrs.field(default=4, validator=_positive_int)
-    pretrain_tasks: int = attrs.field(default=12, validator=_positive_int)
-    general_per_prompt: int = attrs.field(default=5, validator=_positive_int)
-    domain_per_prompt: int = attrs.field(default=4, validator=_positive_int)
-    task_specific_scale: float = attrs.field(default=0.3, validator=_non_negative)
-    temperature: float = attrs.field(default=0.35, validator=_positive)
-    embed_dim: int = attrs.field(default=32, validator=_positive_int)
-    hidden_dim: int = attrs.field(default=64, validator=_positive_int)
-    rank: int = attrs.field(default=8, validator=_positive_int)
-    lora_alpha: float = attrs.field(default=16.0, validator=_positive)
-    pretrain_examples: int = attrs.field(default=60_000, validator=_positive_int)
-    pretrain_steps: int = attrs.field(default=600, validator=_positive_int)
-    pretrain_batch: int = attrs.field(default=512, validator=_positive_int)
-    pretrain_lr: float = attrs.field(default=0.01, validator=_positive)
-    harmful: int = attrs.field(default=10, validator=_non_negative_int)
-    irrelevant: int = attrs.field(default=10, validator=_non_negative_int)
+    seed: int = attrs.field(default=0, validator=integer)
+    n_types: int = attrs.field(default=5, validator=positive_int)
+    n_domains: int = attrs.field(default=20, validator=positive_int)
+    n_labels: int = attrs.field(default=8, validator=positive_int)
+    general_words: int = attrs.field(default=80, validator=positive_int)
+    domain_words: int = attrs.field(default=10, validator=positive_int)
+    general_features: int = attrs.field(default=4, validator=positive_int)
+    domain_features: int = attrs.field(default=4, validator=positive_int)
+    pretrain_tasks: int = attrs.field(default=12, validator=positive_int)
+    general_per_prompt: int = attrs.field(default=5, validator=positive_int)
+    domain_per_prompt: int = attrs.field(default=4, validator=positive_int)
+    task_specific_scale: float = attrs.field(default=0.3, validator=_NON_NEGATIVE)
+    temperature: float = attrs.field(default=0.35, validator=_POSITIVE)
+    embed_dim: int = attrs.field(default=32, validator=positive_int)
+    hidden_dim: int = attrs.field(default=64, validator=positive_int)
+    rank: int = attrs.field(default=8, validator=positive_int)
+    lora_alpha: float = attrs.field(default=16.0, validator=_POSITIVE)
+    pretrain_examples: int = attrs.field(default=60_000, validator=positive_int)
+    pretrain_steps: int = attrs.field(default=600, validator=positive_int)
+    pretrain_batch: int = attrs.field(default=512, validator=positive_int)
+    pretrain_lr: float = attrs.field(default=0.01, validator=_POSITIVE)
+    harmful: int = attrs.field(default=10, validator=non_negative_int)
+    irrelevant: int = attrs.field(default=10, validator=non_negative_int)
     train_sizes: tuple[int, ...] = attrs.field(
         default=(64, 96, 128, 192, 256), converter=_int_tuple, validator=_sizes
     )
-    train_steps: int = attrs.field(default=150, validator=_positive_int)
-    train_batch: int = attrs.field(default=8, validator=_positive_int)
-    train_lr: float = attrs.field(default=0.01, validator=_positive)
-    ood_targets: int = attrs.field(default=4, validator=_non_negative_int)
-    id_targets: int = attrs.field(default=4, validator=_non_negative_int)
-    validation_size: int = attrs.field(default=300, validator=_positive_int)
-    holdout_size: int = attrs.field(default=100, validator=_positive_int)
-    test_size: int = attrs.field(default=1000, validator=_positive_int)
+    train_steps: int = attrs.field(default=150, validator=positive_int)
+    train_batch: int = attrs.field(default=8, validator=positive_int)
+    train_lr: float = attrs.field(default=0.01, validator=_POSITIVE)
+    ood_targets: int = attrs.field(default=4, validator=non_negative_int)
+    id_targets: int = attrs.field(default=4, validator=non_negative_int)
+    validation_size: int = attrs.field(default=300, validator=positive_int)
+    holdout_size: int = attrs.field(default=100, validator=positive_int)
+    test_size: int = attrs.field(default=1000, validator=positive_int)
 
     def __attrs_post_init__(self) -> None:
         n_targets = self.ood_targets + self.id_targets

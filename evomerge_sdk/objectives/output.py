@@ -34,6 +34,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from .._checks import is_int, is_number
 from .._types import FloatArray, IntArray
+from .._validators import positive_int
 from ..engine._objective import Candidate, EvaluationContext, Split
 from ..engine._operators import keep_count, magnitude_order
 from ..errors import BadResponse, ConfigError
@@ -183,11 +184,6 @@ class LabelledExamples:
         )
 
 
-def _positive(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not is_int(value) or value < 1:
-        raise ConfigError(f"{attribute.name} must be a positive integer, got {value!r}")
-
-
 @attrs.frozen
 class ScoringConfig:
     """How a model is asked for its scores.
@@ -201,10 +197,10 @@ class ScoringConfig:
     """
 
     method: Literal["auto", "logprobs", "votes"] = "auto"
-    top_logprobs: int = attrs.field(default=20, validator=_positive)
-    samples: int = attrs.field(default=8, validator=_positive)
+    top_logprobs: int = attrs.field(default=20, validator=positive_int)
+    samples: int = attrs.field(default=8, validator=positive_int)
     temperature: float = 1.0
-    max_tokens: int = attrs.field(default=4, validator=_positive)
+    max_tokens: int = attrs.field(default=4, validator=positive_int)
     smoothing: float = 1.0
     seed_field: str | None = "auto"
     seed: int = 0

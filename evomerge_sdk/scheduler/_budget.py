@@ -28,12 +28,11 @@ import re
 from collections.abc import Iterable, Mapping
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from types import MappingProxyType
-from typing import Any
 
 import anyio
 import attrs
 
-from .._checks import check_number
+from .._validators import number
 from ..errors import BadResponse, BudgetExceeded, ConfigError
 from ..providers import Usage
 
@@ -56,18 +55,17 @@ MAX_REPORTED_TOKENS = 10**9
 server (and 1e320 tokens would overflow every float the spend is reported in)."""
 
 
-def _non_negative_price(_inst: object, attr: attrs.Attribute[Any], value: float | None) -> None:
-    allow_none = attr.name == "cached_input"
-    check_number(f"Price.{attr.name}", value, strict=False, allow_none=allow_none, unit="USD per 1M tokens")
+_PRICE = number(strict=False, unit="USD per 1M tokens", prefix="Price.")
+_OPTIONAL_PRICE = number(strict=False, allow_none=True, unit="USD per 1M tokens", prefix="Price.")
 
 
 @attrs.frozen
 class Price:
     """A model's list price in USD per 1M tokens; `cached_input` defaults to the input price."""
 
-    input: float = attrs.field(validator=_non_negative_price)
-    output: float = attrs.field(validator=_non_negative_price)
-    cached_input: float | None = attrs.field(default=None, validator=_non_negative_price)
+    input: float = attrs.field(validator=_PRICE)
+    output: float = attrs.field(validator=_PRICE)
+    cached_input: float | None = attrs.field(default=None, validator=_OPTIONAL_PRICE)
 
     def pico_per_token(self) -> tuple[int, int, int]:
         """(input, output, cached input) in picodollars per token, rounded up."""
@@ -145,16 +143,14 @@ class PriceTable:
         return price
 
 
-def _positive(_inst: object, attr: attrs.Attribute[Any], value: float | None) -> None:
-    check_number(f"Budget.{attr.name}", value, integer=attr.name == "tokens", allow_none=True)
-
-
 @attrs.frozen
 class Budget:
     """A hard cap on total tokens (input + output) and/or USD for everything a scheduler sends."""
 
-    tokens: int | None = attrs.field(default=None, validator=_positive)
-    usd: float | None = attrs.field(default=None, validator=_positive)
+    tokens: int | None = attrs.field(
+        default=None, validator=number(integer=True, allow_none=True, prefix="Budget.")
+    )
+    usd: float | None = attrs.field(default=None, validator=number(allow_none=True, prefix="Budget."))
 
     def __attrs_post_init__(self) -> None:
         if self.tokens is None and self.usd is None:

@@ -11,32 +11,25 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any
 
 import attrs
 
-from .._checks import check_number
+from .._validators import number
 from ..errors import RetryableError
 
 __all__ = ["RetryPolicy"]
 
-
-def _positive_int(_inst: object, attr: attrs.Attribute[Any], value: int) -> None:
-    check_number(f"RetryPolicy.{attr.name}", value, integer=True)
-
-
-def _non_negative(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
-    check_number(f"RetryPolicy.{attr.name}", value, strict=False, unit="seconds")
+_SECONDS = number(strict=False, unit="seconds", prefix="RetryPolicy.")
 
 
 @attrs.frozen
 class RetryPolicy:
     """Retry settings. `max_attempts` counts the first try; `seed` makes the jitter reproducible."""
 
-    max_attempts: int = attrs.field(default=6, validator=_positive_int)
-    base_delay: float = attrs.field(default=0.25, validator=_non_negative)
-    max_delay: float = attrs.field(default=20.0, validator=_non_negative)
-    max_retry_after: float = attrs.field(default=60.0, validator=_non_negative)
+    max_attempts: int = attrs.field(default=6, validator=number(integer=True, prefix="RetryPolicy."))
+    base_delay: float = attrs.field(default=0.25, validator=_SECONDS)
+    max_delay: float = attrs.field(default=20.0, validator=_SECONDS)
+    max_retry_after: float = attrs.field(default=60.0, validator=_SECONDS)
     seed: int = 0
 
     def rng(self) -> random.Random:
