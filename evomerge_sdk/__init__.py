@@ -24,6 +24,7 @@ from .errors import (
     RequestTimeout,
     RetryableError,
     ServerError,
+    StorageError,
     UsageError,
     deprecated_alias,
 )
@@ -180,6 +181,7 @@ __all__ = [
     "ServiceSession",
     "Split",
     "StageConfig",
+    "StorageError",
     "TokenLogprob",
     "Usage",
     "UsageError",

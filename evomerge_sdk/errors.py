@@ -4,6 +4,8 @@
     ├── ConfigError (ValueError)   a bad setting, argument or input, refused before any work starts
     ├── UsageError (RuntimeError)  a call at the wrong time: a resource not opened yet, or closed
     ├── BudgetExceeded             the hard budget cannot cover the next request (nothing was sent)
+    ├── StorageError (OSError)     a file the SDK keeps could not be written (disk full, read-only,
+    │                              a value SQLite cannot hold); names the file
     └── ProviderError              a call to a model API failed (`status`, `rate_limits`)
         ├── AuthenticationError    401/403: never retried
         ├── InvalidRequest         400/404/422 or a spend limit: never retried
@@ -40,6 +42,7 @@ __all__ = [
     "RequestTimeout",
     "RetryableError",
     "ServerError",
+    "StorageError",
     "UsageError",
 ]
 
@@ -58,6 +61,11 @@ class ConfigError(EvomergeError, ValueError):
 class UsageError(EvomergeError, RuntimeError):
     """The SDK was used in the wrong order: a resource used before it was opened or after it was closed,
     or an ask/tell step out of turn. Fix the calling code; no setting makes it right."""
+
+
+class StorageError(EvomergeError, OSError):
+    """A file the SDK keeps (response cache, checkpoint, materialized merge) could not be written. The
+    message names the file; nothing already there was damaged by the failed write."""
 
 
 class ProviderError(EvomergeError):

@@ -11,6 +11,13 @@ stored so far is committed (a checkpoint). A killed process loses at most the re
 moment, which are then simply asked again.
 
 Cached values are shared between callers: treat them as read-only.
+
+The cache never fails silently. A result the writer cannot store (not JSON, a number SQLite cannot hold, a
+disk that is full or read-only) is counted in `write_errors`, logged (`cache_write_failed`), and raised as
+a `StorageError` naming the file by the next `flush()`; the writer keeps going with the rows after it. A
+damaged row (not JSON, impossible token counts, or a value the caller's check refuses) is skipped and
+counted in `damaged_rows`, logged (`cache_row_damaged`, naming the file): the request is asked again, as
+on a miss, and its fresh answer replaces the row.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import queue
 import sqlite3
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -31,8 +39,9 @@ import attrs
 from .._checks import check_number
 from .._io import canonical_json
 from .._logs import get_logger
-from ..errors import ConfigError
+from ..errors import ConfigError, StorageError
 from ..providers import ChatRequest, Message, Usage
+from ._budget import MAX_REPORTED_TOKENS
 
 __all__ = ["CachedValue", "ResponseCache", "cache_key", "chat_cache_key"]
 
@@ -112,13 +121,40 @@ class _Writer(threading.Thread):
         self.path = path
         self.items: queue.SimpleQueue[tuple[str, Any, Usage] | threading.Event | None] = queue.SimpleQueue()
         self.errors = 0
+        self.first_error = ""  # the first failure's text, for the StorageError the next flush raises
         self.stopped = threading.Event()
 
-    def run(self) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None)
+    def _failed(self, rows: int, event: str, exc: BaseException, key: str = "") -> None:
+        self.errors += rows
+        text = f"{type(exc).__name__}: {exc}"
+        if not self.first_error:
+            self.first_error = text
+        _safe_log(event, file=self.path, rows=rows, key=key[:16], error=text)
+
+    def _insert(self, conn: sqlite3.Connection, batch: list[tuple[str, str, int, int, int]]) -> None:
+        """Commit `batch`; when it fails, row by row, so one bad row costs only itself."""
+        sql = "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)"
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: survives a process crash
+            with conn:
+                conn.executemany(sql, batch)
+            return
+        except Exception as exc:  # sqlite3.Error, OverflowError (>= 2^63), MemoryError...
+            if len(batch) == 1:
+                self._failed(1, "cache_write_failed", exc, batch[0][0])
+                return
+        for row in batch:
+            self._insert(conn, [row])
+
+    def run(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None)
+        except Exception as exc:  # the file vanished or the disk is gone: count every row, stay alive
+            conn = None
+            self._failed(0, "cache_write_failed", exc)
+        try:
+            if conn is not None:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: survives a process crash
             stop = False
             while not stop:
                 batch: list[tuple[str, str, int, int, int]] = []
@@ -140,29 +176,26 @@ class _Writer(threading.Thread):
                     except queue.Empty:
                         break
                 try:
-                    if batch:
-                        try:
-                            with conn:
-                                conn.executemany(
-                                    "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)", batch
-                                )
-                        except sqlite3.Error as exc:
-                            self.errors += len(batch)
-                            _safe_log("cache_write_failed", rows=len(batch), error=repr(exc))
+                    if batch and conn is not None:
+                        self._insert(conn, batch)
+                    elif batch:
+                        self.errors += len(batch)
+                except Exception as exc:  # never let the writer die: later rows still get their chance
+                    self._failed(len(batch), "cache_write_failed", exc)
                 finally:  # a flush never waits for a mark nobody will set
                     for mark in marks:
                         mark.set()
         finally:
             self.stopped.set()
-            conn.close()
+            if conn is not None:
+                conn.close()
 
     def _row(self, item: tuple[str, Any, Usage]) -> tuple[str, str, int, int, int] | None:
         key, value, usage = item
         try:
             text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            self.errors += 1
-            _safe_log("cache_value_not_json", key=key[:16], error=f"{type(exc).__name__}: {exc}")
+        except (TypeError, ValueError, RecursionError) as exc:
+            self._failed(1, "cache_value_not_json", exc, key)
             return None
         return key, text, usage.input_tokens, usage.output_tokens, usage.cached_tokens
 
@@ -187,6 +220,10 @@ class ResponseCache:
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
         self._opens = 0
+        self.damaged_rows = 0
+        """Rows of the file that were damaged (see module doc): skipped, asked again."""
+        self._closed_errors = 0  # write errors of writers already closed
+        self._reported_errors = 0  # of the current writer's, those a flush already raised
 
     def __len__(self) -> int:
         return len(self._memory) + sum(1 for k in self._on_disk if k not in self._memory)
@@ -194,7 +231,7 @@ class ResponseCache:
     @property
     def write_errors(self) -> int:
         """Results that could not be written to disk (not JSON-serialisable, or a SQLite error)."""
-        return self._writer.errors if self._writer is not None else 0
+        return self._closed_errors + (self._writer.errors if self._writer is not None else 0)
 
     async def open(self) -> None:
         """Open the SQLite file (creating it user-only, mode 0600) and read its keys, off the event loop."""
@@ -249,16 +286,26 @@ class ResponseCache:
         """Whether `key` is stored in the SQLite file (known without I/O)."""
         return key in self._on_disk
 
-    async def load(self, key: str) -> CachedValue | None:
-        """Read `key` from the SQLite file in a worker thread (and keep it in memory)."""
+    async def load(self, key: str, check: Callable[[Any], bool] | None = None) -> CachedValue | None:
+        """Read `key` from the SQLite file in a worker thread (and keep it in memory).
+
+        A damaged row (see module doc; `check(value)` False also counts) is a miss, counted and logged.
+        """
         if self._reader is None or key not in self._on_disk:
             return None
         hit = await anyio.to_thread.run_sync(self._read_sync, key)
+        if isinstance(hit, str) or (hit is not None and check is not None and not check(hit.value)):
+            self.damaged_rows += 1
+            self._on_disk.discard(key)  # asked again; the fresh answer replaces the row
+            reason = hit if isinstance(hit, str) else "the value has the wrong shape for this call"
+            _log.warning("cache_row_damaged", file=self.path, key=key[:16], reason=reason)
+            return None
         if hit is not None:
             self._remember(key, hit)
         return hit
 
-    def _read_sync(self, key: str) -> CachedValue | None:
+    def _read_sync(self, key: str) -> CachedValue | str | None:
+        """The row of `key`, None when there is none, or why it is damaged."""
         assert self._reader is not None
         with self._read_lock:
             row = self._reader.execute(
@@ -267,7 +314,14 @@ class ResponseCache:
             ).fetchone()
         if row is None:
             return None
-        return CachedValue(json.loads(row[0]), Usage(row[1], row[2], row[3]))
+        counts = row[1:]
+        if any(type(c) is not int or not 0 <= c <= MAX_REPORTED_TOKENS for c in counts):
+            return f"impossible token counts {counts!r:.80}"
+        try:
+            value = json.loads(row[0])
+        except (TypeError, ValueError, RecursionError) as exc:
+            return f"the value is not JSON ({type(exc).__name__})"
+        return CachedValue(value, Usage(*counts))
 
     def put(self, key: str, value: Any, usage: Usage) -> None:
         """Store a result: in memory now, on disk by the writer thread shortly after."""
@@ -297,6 +351,14 @@ class ResponseCache:
                     return
 
         await anyio.to_thread.run_sync(wait)
+        failed = writer.errors - self._reported_errors
+        if failed:
+            self._reported_errors = writer.errors
+            first, writer.first_error = writer.first_error, ""
+            raise StorageError(
+                f"cache file {self.path!r}: {failed} result(s) could not be written since the last flush "
+                f"(first: {first:.200}); they will be asked again on a resume"
+            )
 
     async def aclose(self) -> None:
         """Commit what is pending and close the file (the memory layer stays usable)."""
@@ -311,5 +373,7 @@ class ResponseCache:
             writer.items.put(None)
             with anyio.CancelScope(shield=True):  # a cancelled shutdown must still finish the write
                 await anyio.to_thread.run_sync(writer.join)
+            self._closed_errors += writer.errors
+            self._reported_errors = 0
         if reader is not None:
             reader.close()

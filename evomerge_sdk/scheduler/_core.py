@@ -351,13 +351,13 @@ class Scheduler:
         bound = (reserve, True, reserve.input_tokens)  # the caller's worst case bounds what it may report
         return (await self._run(fn, _outcome, price, bound, cache_key, label, None))[0]
 
-    async def _lookup(self, key: str) -> CachedValue | None:
+    async def _lookup(self, key: str, check: Callable[[Any], bool] | None) -> CachedValue | None:
         cache = self._cache
         if cache is None:
             return None
         hit = cache.get(key)
         if hit is None and cache.on_disk(key):
-            hit = await cache.load(key)
+            hit = await cache.load(key, check)  # a damaged row is a miss (counted by the cache)
         return hit
 
     async def _run(
@@ -377,8 +377,9 @@ class Scheduler:
         m.calls += 1
         if key is None:
             return await self._execute(fn, convert, price, worst, label, debug, None)
+        check = _is_completion_json if convert is _chat_outcome else None
         while True:
-            hit = await self._lookup(key)
+            hit = await self._lookup(key, check)
             if hit is not None:
                 m.cache_hits += 1
                 return CallResult(hit.value, hit.usage, cached=True, attempts=0), None
@@ -685,6 +686,34 @@ def _completion_to_json(c: Completion) -> dict[str, Any]:
     if c.logprobs is not None:
         logprobs = [[t.token, t.logprob, [list(alt) for alt in t.top]] for t in c.logprobs]
     return {"text": c.text, "model": c.model, "finish_reason": c.finish_reason, "logprobs": logprobs}
+
+
+def _is_completion_json(value: Any) -> bool:
+    """Whether a cached value has the shape `_completion_to_json` writes (a damaged row may not)."""
+    if not isinstance(value, dict):
+        return False
+    text, model, finish, logprobs = (value.get(k) for k in ("text", "model", "finish_reason", "logprobs"))
+    if not (isinstance(text, str) and isinstance(model, str) and (finish is None or isinstance(finish, str))):
+        return False
+    if logprobs is None:
+        return True
+
+    def pair(item: Any) -> bool:
+        return (
+            isinstance(item, list)
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and isinstance(item[1], (int, float))
+        )
+
+    return isinstance(logprobs, list) and all(
+        isinstance(e, list)
+        and len(e) == 3
+        and pair(e[:2])
+        and isinstance(e[2], list)
+        and all(pair(alt) for alt in e[2])
+        for e in logprobs
+    )
 
 
 def _completion_from_json(value: dict[str, Any], usage: Usage) -> Completion:
