@@ -1,16 +1,34 @@
-"""Readers for fields of JSON answers: a wrong or missing field is a `BadResponse` naming its path.
+"""Reading JSON off the wire: `loads` for whole bodies, and readers for fields of answers (a wrong or
+missing field is a `BadResponse` naming its path).
 
-Every adapter and the merge-service client read provider answers through these, so a malformed answer is
-reported the same way whichever API sent it.
+Every adapter, the merge-service client and the SDK's servers parse bodies with `loads`, so JSON nested
+too deeply to parse is the same plain `ValueError` everywhere (a 400 from a server, a `BadResponse` in a
+client), never a `RecursionError` escaping as a 500 or a crash.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, TypeVar
 
 from ..errors import BadResponse
 
-__all__ = ["field", "optional_field"]
+__all__ = ["NestingError", "field", "loads", "optional_field"]
+
+
+class NestingError(ValueError):
+    """JSON nested deeper than the parser can follow (about a thousand levels; real bodies use a few)."""
+
+
+def loads(raw: bytes | str) -> Any:
+    """`raw` (bytes must be UTF-8) parsed as JSON; `ValueError` for anything that is not, including
+    `NestingError` for JSON nested too deeply and `UnicodeDecodeError` for bytes that are not UTF-8."""
+    text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise NestingError("the JSON is nested too deeply to parse") from None
+
 
 _KindT = TypeVar("_KindT")
 

@@ -7,6 +7,8 @@ from array import array
 
 import attrs
 
+from .._logs import mask_secrets
+
 __all__ = ["Metrics", "MetricsSnapshot", "percentile", "redact"]
 
 # Things that look like credentials: OpenAI/Anthropic-style keys, bearer tokens, key=value secrets.
@@ -17,8 +19,9 @@ _SECRET = re.compile(
 
 
 def redact(text: str, *, limit: int = 300) -> str:
-    """`text` with anything that looks like a credential replaced, truncated to `limit` characters."""
-    text = _SECRET.sub("[REDACTED]", text)
+    """`text` with every configured key and anything that looks like a credential replaced, then (never
+    before: a cut through a key would leave its first part readable) truncated to `limit` characters."""
+    text = _SECRET.sub("[REDACTED]", mask_secrets(text))
     return text if len(text) <= limit else text[:limit] + "..."
 
 

@@ -34,10 +34,18 @@ from evomerge_sdk.http import (
 )
 from evomerge_sdk.providers import ChatRequest, Completion, RateLimitInfo, Usage
 
-__all__ = ["DEFAULT_API_VERSION", "DEFAULT_BASE_URL", "AnthropicProvider", "parse_rate_limits"]
+__all__ = [
+    "DEFAULT_API_VERSION",
+    "DEFAULT_BASE_URL",
+    "MAX_ANSWER_BYTES",
+    "AnthropicProvider",
+    "parse_rate_limits",
+]
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_API_VERSION = "2023-06-01"
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
+"""Default cap on one answer: Messages answers carry no logprobs, so even a long one is well under this."""
 
 # Words of a 429 that waiting cannot fix (spend limit, credit, billing); the error type and the stable
 # `details.error_code` say it first, the message is the fallback.
@@ -92,7 +100,8 @@ class AnthropicProvider(SessionOwner):
 
     Arguments win over the environment variables `ANTHROPIC_API_KEY` and `ANTHROPIC_BASE_URL`; a key is
     required. `version` is sent as `anthropic-version`. TLS is verified unless `verify_tls=False`; an
-    `ssl.SSLContext` trusts a private CA. A `session` passed in stays the caller's to close.
+    `ssl.SSLContext` trusts a private CA. A `session` passed in stays the caller's to close. Answers over
+    `max_answer_bytes` are refused unread; big answers in flight hold at most `max_buffered_bytes`.
 
     System messages become the top-level `system` prompt (joined by blank lines) and consecutive messages
     of one role are merged, as the API requires alternating turns. `temperature` and `top_p` are sent
@@ -117,6 +126,8 @@ class AnthropicProvider(SessionOwner):
         verify_tls: bool | ssl.SSLContext = True,
         headers: Mapping[str, str] | None = None,
         session: aiohttp.ClientSession | None = None,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
+        max_buffered_bytes: int | None = None,
     ) -> None:
         key = api_key or os.environ.get("ANTHROPIC_API_KEY")
         if not key:
@@ -129,7 +140,13 @@ class AnthropicProvider(SessionOwner):
         self.version = version
         self._headers = {**check_headers(headers), "x-api-key": key, "anthropic-version": version}
         self._http = HTTPClient(
-            provider=self.name, timeout=timeout, verify_tls=verify_tls, session=session, secrets=[key]
+            provider=self.name,
+            timeout=timeout,
+            verify_tls=verify_tls,
+            session=session,
+            secrets=[key],
+            max_answer_bytes=max_answer_bytes,
+            max_buffered_bytes=max_buffered_bytes,
         )
 
     def __repr__(self) -> str:

@@ -28,9 +28,11 @@ from evomerge_sdk.http import (
 )
 from evomerge_sdk.providers import ChatRequest, Completion, RateLimitInfo, TokenLogprob, Usage
 
-__all__ = ["DEFAULT_BASE_URL", "OpenAIProvider"]
+__all__ = ["DEFAULT_BASE_URL", "MAX_ANSWER_BYTES", "OpenAIProvider"]
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+"""Default cap on one answer: a long completion with 20 top logprobs per token is a few MiB."""
 
 # What a 429 that waiting cannot fix looks like: the account ran out of quota or credit.
 _QUOTA_CODES = ("insufficient_quota", "billing_hard_limit_reached")
@@ -56,7 +58,8 @@ class OpenAIProvider(SessionOwner):
     api.openai.com and Azure, since local servers take none. `max_tokens_field` picks the body field for
     `ChatRequest.max_tokens` ("max_completion_tokens" for OpenAI reasoning models). TLS is verified
     unless `verify_tls=False`; an `ssl.SSLContext` trusts a private CA. A `session` passed in stays the
-    caller's to close.
+    caller's to close. Answers over `max_answer_bytes` are refused unread; big answers in flight hold at
+    most `max_buffered_bytes` (default four answers' worth) between them.
     """
 
     name = "openai"
@@ -77,6 +80,8 @@ class OpenAIProvider(SessionOwner):
         verify_tls: bool | ssl.SSLContext = True,
         headers: Mapping[str, str] | None = None,
         session: aiohttp.ClientSession | None = None,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
+        max_buffered_bytes: int | None = None,
     ) -> None:
         if max_tokens_field not in ("max_tokens", "max_completion_tokens"):
             raise ConfigError(
@@ -92,7 +97,13 @@ class OpenAIProvider(SessionOwner):
             else self._configure_openai(api_key, base_url, organization, project)
         )
         self._http = HTTPClient(
-            provider=self.name, timeout=timeout, verify_tls=verify_tls, session=session, secrets=[key or ""]
+            provider=self.name,
+            timeout=timeout,
+            verify_tls=verify_tls,
+            session=session,
+            secrets=[key or ""],
+            max_answer_bytes=max_answer_bytes,
+            max_buffered_bytes=max_buffered_bytes,
         )
 
     def _configure_azure(self, api_key: str | None, endpoint: str | None, api_version: str | None) -> str:
