@@ -1,6 +1,11 @@
 """The server kit of the SDK's own servers (the embedded service, the merged-model server, the test
 doubles): starting a site, the loopback and bearer-token checks, body caps, refusals answered in one JSON
 error shape, and the shutdown wait.
+
+No input makes these servers answer 500 or echo a credential: a request aiohttp cannot even parse (a NUL
+in a header) gets a JSON 400 that quotes nothing of it, and nothing of it is logged; an `Authorization`
+header that is not printable ASCII is a 400 naming the header; with a key set, every route but `/health`
+needs it; a key with surrounding whitespace is refused when the server is configured (`check_api_key`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
+from .._logs import get_logger, register_secret
 from ..errors import ConfigError
 
 __all__ = [
@@ -21,6 +29,7 @@ __all__ = [
     "Handler",
     "Refusal",
     "bearer_matches",
+    "check_api_key",
     "is_loopback",
     "json_error",
     "until_terminated",
@@ -35,10 +44,37 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+_log = get_logger(__name__)
+
+
 def bearer_matches(authorization: str, key: bytes) -> bool:
     """Whether an `Authorization` header carries `Bearer <key>`, compared in constant time."""
     scheme, _, token = authorization.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key)
+    try:
+        given = token.strip().encode("ascii")
+    except UnicodeEncodeError:  # 0xff and friends: never a key of ours (check_api_key)
+        return False
+    return scheme.lower() == "bearer" and hmac.compare_digest(given, key)
+
+
+def check_api_key(key: object, what: str = "api_key") -> bytes | None:
+    """A server's bearer key as bytes (None: no auth); ConfigError, never echoing it, unless it is
+    non-empty printable ASCII without surrounding whitespace (a client could never send it otherwise, and
+    a stray newline from a file or an environment variable would lock everyone out)."""
+    if key is None:
+        return None
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"{what} must be a non-empty string or None")
+    if key != key.strip():
+        raise ConfigError(f"{what} has surrounding whitespace (a line break from a file?); strip it")
+    if not (key.isascii() and key.isprintable()):
+        raise ConfigError(f"{what} must be printable ASCII (what an Authorization header can carry)")
+    register_secret(key)
+    return key.encode()
+
+
+def _printable_ascii(value: str) -> bool:
+    return value.isascii() and value.isprintable()
 
 
 class Refusal(Exception):
@@ -94,7 +130,7 @@ class AppServer:
     async def _serve(self, app: web.Application) -> None:
         # A port in use or a missing interface is the caller's setting, so it is a ConfigError saying so.
         # handler_cancellation: a client that gives up ends its (possibly hanging) handler too.
-        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
+        runner = _Runner(app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
         await runner.setup()
         try:
             await web.TCPSite(runner, self.host, self.port).start()
@@ -115,11 +151,16 @@ class AppServer:
     @web.middleware
     async def _front(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Authentication first (a refused client costs nothing further), then JSON for every refusal."""
-        # Health and other routes outside /v1/ stay open, so a load balancer can probe without the key.
+        authorization = request.headers.get("Authorization", "")
+        if not _printable_ascii(authorization):  # 0xff, a control character: refused, never echoed
+            return json_error(
+                400, "the Authorization header must be printable ASCII", "invalid_request_error"
+            )
+        # Only /health stays open, so a load balancer can probe without the key (/stats is not public).
         if (
             self._api_key is not None
-            and request.path.startswith("/v1/")
-            and not bearer_matches(request.headers.get("Authorization", ""), self._api_key)
+            and request.path != "/health"
+            and not bearer_matches(authorization, self._api_key)
         ):
             return json_error(
                 401,
@@ -158,3 +199,43 @@ async def until_terminated() -> None:
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+
+
+class _JSONErrorHandler(RequestHandler):
+    """aiohttp's connection handler, answering what it cannot parse (or a crash) in the JSON error shape
+    and without quoting the request: aiohttp's own 400 text repeats the offending header, key included."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """The JSON error answer for a request that never reached a handler (or crashed in one)."""
+        # The exception's text may hold the raw header: log its type only.
+        _log.warning("http_request_refused", status=status, error=type(exc).__name__ if exc else None)
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer was already being sent; the connection is closed")
+        if status >= 500:
+            text = "the server failed on this request"
+        else:
+            text = "the request is not valid HTTP (a header holds a byte HTTP does not allow)"
+        body = {"error": {"message": text, "type": "invalid_request_error", "param": None, "code": None}}
+        resp = web.json_response(body, status=status)
+        resp.force_close()
+        return resp
+
+
+class _JSONErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JSONErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    """An AppRunner whose connections use `_JSONErrorHandler`."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JSONErrorServer  # same object, one overridden method: aiohttp builds it
+        return server

@@ -59,7 +59,8 @@ from .._checks import check_number
 from .._io import canonical_json
 from .._logs import get_logger
 from ..errors import ConfigError, UsageError
-from ..http.server import AppServer, Handler, Refusal, is_loopback, until_terminated
+from ..http.server import AppServer, Handler, Refusal, check_api_key, is_loopback, until_terminated
+from ..http.wire import loads
 from .backend import (
     Decoding,
     Generation,
@@ -185,8 +186,7 @@ class LocalService(AppServer):
             raise ConfigError(f"backend must be a MergeBackend, got {type(backend).__name__}")
         if backend is not None and (repository is not None or repository_config is not None):
             raise ConfigError("give a backend or a repository (or its config), not both")
-        if api_key is not None and (not isinstance(api_key, str) or not api_key):
-            raise ConfigError("api_key must be a non-empty string or None")
+        key = check_api_key(api_key)  # before anything else, so no later message can hold it
         if not isinstance(host, str) or not host:
             raise ConfigError(f"host must be a host name or address, got {host!r:.60}")
         if not is_loopback(host) and api_key is None:
@@ -219,7 +219,7 @@ class LocalService(AppServer):
         self._repository = repository
         self._repository_config = repository_config
         self.backend: MergeBackend | None = backend
-        self._api_key = api_key.encode() if api_key else None
+        self._api_key = key
         self.pool_sizes = tuple(int(s) for s in pool_sizes)
         self.pool_seed = int(pool_seed)
         self.max_sessions = max_sessions
@@ -317,8 +317,8 @@ class LocalService(AppServer):
         else:
             raw = await request.read()  # 413 past client_max_size
             try:
-                body = json.loads(raw) if raw else None
-            except (ValueError, UnicodeDecodeError) as exc:
+                body = loads(raw) if raw else None
+            except ValueError as exc:  # not UTF-8, not JSON, or nested too deeply (NestingError)
                 body = exc
             _parsed.set((request, body))
         if isinstance(body, Exception):

@@ -86,6 +86,9 @@ def _number(
     return float(value)
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def integer_field(
     obj: Mapping[str, Any],
     key: str,
@@ -95,10 +98,15 @@ def integer_field(
     high: int | None = None,
     where: str = "",
 ) -> int | None:
-    """`obj[key]` as an integer in [low, high], `default` when absent; 422 naming the field otherwise."""
+    """`obj[key]` as an integer in [low, high], `default` when absent; 422 naming the field otherwise.
+
+    Without `high`, the bound is the int64 range every client and numpy agree on (2^70 is refused here,
+    not overflowed into a 500 later)."""
     value = obj.get(key)
     if value is None:
         return default
+    if high is None:
+        high = _INT64_MAX
     if (
         isinstance(value, bool)
         or not isinstance(value, int)
@@ -156,9 +164,10 @@ def parse_examples_indices(value: object, n: int) -> IntArray | None:
         raise InvalidField("examples must be a non-empty list of example indices (omit it to score all)")
     if any(not is_int(i) for i in value):
         raise InvalidField("examples must hold integer indices")
+    outside = next((i for i in value if not 0 <= i < n), None)  # checked as Python ints: 2^70 fits no array
+    if outside is not None:
+        raise InvalidField(f"examples: indices must lie in [0, {n}), got {outside:.6g}")
     idx = np.array(value, dtype=np.int64)
-    if idx[0] < 0 or idx[-1] >= n:
-        raise InvalidField(f"example indices must lie in [0, {n}), got {int(idx.min())}..{int(idx.max())}")
     if np.any(np.diff(idx) <= 0):
         raise InvalidField("example indices must be sorted and distinct")
     return idx
@@ -260,8 +269,8 @@ def usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
 
 def request_seed(body: Mapping[str, Any]) -> int:
     """The request's own `seed`, else a hash of its canonical JSON: sampling is a function of the request."""
-    seed = body.get("seed")
-    if isinstance(seed, int) and not isinstance(seed, bool):
+    seed = integer_field(body, "seed", None, low=-_INT64_MAX - 1)  # OpenAI's seed is an int64
+    if seed is not None:
         return seed % 2**63
     blob = canonical_json(body).encode()
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big")
