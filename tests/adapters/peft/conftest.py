@@ -12,11 +12,13 @@ from evomerge_peft import Base, Example, TokenisedSet, World, build_world, load_
 
 
 @pytest.fixture(scope="session")
-def world(pytestconfig: pytest.Config) -> World:
-    """The CI-sized world, own-seed adapters (each A from its own initialisation)."""
+def world(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> World:
+    """The CI-sized world, own-seed adapters (each A from its own initialisation); built in a temporary
+    folder when pytest runs without its cache (`-p no:cacheprovider`)."""
     torch.set_num_threads(1)  # 2 shared cores: one thread is the fastest for a model this size
-    assert pytestconfig.cache is not None
-    return build_world(root=pytestconfig.cache.mkdir("evomerge-peft-worlds"))
+    cache = getattr(pytestconfig, "cache", None)  # absent under -p no:cacheprovider
+    root = cache.mkdir("evomerge-peft-worlds") if cache is not None else tmp_path_factory.mktemp("worlds")
+    return build_world(root=root)
 
 
 @pytest.fixture(scope="session")
