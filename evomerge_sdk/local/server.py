@@ -56,9 +56,9 @@ import attrs
 from aiohttp import web
 
 from .._checks import check_number
-from .._io import canonical_json
+from .._io import canonical_json, remove_stale_temps
 from .._logs import get_logger
-from ..errors import ConfigError, UsageError
+from ..errors import ConfigError, StorageError, UsageError
 from ..http.server import AppServer, Handler, Refusal, check_api_key, is_loopback, until_terminated
 from ..http.wire import loads
 from .backend import (
@@ -141,6 +141,7 @@ def _json(data: Any, status: int = 200) -> web.Response:
 class _Open:
     session: Session
     last_used: float
+    materialized: dict[str, int] = attrs.field(factory=dict)  # path -> bytes, for the per-session cap
 
 
 class LocalService(AppServer):
@@ -150,7 +151,11 @@ class LocalService(AppServer):
     `repository_config`, default the 110-adapter hub, cached on disk), whose presets `pool_sizes` and
     `pool_seed` make (`RepositoryBackend`). `api_key` turns on bearer-token auth;
     `limits` and `faults` are the RPM/TPM enforcement and fault injection of `local.faults`.
-    `output_dir` receives materialized merges (default: a fresh temporary folder). `reference_only`
+    `output_dir` receives materialized merges (default: a fresh temporary folder; temp files that killed
+    writes left there are removed at start). Each session may materialize at most
+    `max_materialized_files` merges and `max_materialized_bytes` in all: past either, materialize
+    is refused (409, nothing written; files already written stay, since clients hold their paths). A
+    disk that cannot take the file is a 507 naming the path. `reference_only`
     serves only the reference routes and answer fields, to test clients against the authors' protocol.
     A non-loopback `host` needs an `api_key`.
     """
@@ -176,6 +181,8 @@ class LocalService(AppServer):
         max_inline_examples: int = 2000,
         workers: int = 2,
         output_dir: str | Path | None = None,
+        max_materialized_files: int = 32,
+        max_materialized_bytes: int = 256 << 20,
         reference_only: bool = False,
     ) -> None:
         if repository is not None and not isinstance(repository, Repository):
@@ -209,6 +216,8 @@ class LocalService(AppServer):
             ("max_body_bytes", max_body_bytes),
             ("max_inline_examples", max_inline_examples),
             ("workers", workers),
+            ("max_materialized_files", max_materialized_files),
+            ("max_materialized_bytes", max_materialized_bytes),
         ):
             check_number(name, value, integer=True)
         check_number("session_ttl", session_ttl, unit="seconds")
@@ -229,6 +238,8 @@ class LocalService(AppServer):
         self.reference_only = bool(reference_only)
         self.extensions = () if reference_only else EXTENSIONS
         self._output_dir = Path(output_dir) if output_dir is not None else None
+        self.max_materialized_files = max_materialized_files
+        self.max_materialized_bytes = max_materialized_bytes
         if self._output_dir is not None and self._output_dir.exists() and not self._output_dir.is_dir():
             raise ConfigError(f"output_dir {str(self._output_dir)!r} is a file, not a folder")
         self._workers = anyio.CapacityLimiter(workers)
@@ -257,6 +268,11 @@ class LocalService(AppServer):
         return len(self._sessions)
 
     async def __aenter__(self) -> LocalService:
+        if self._output_dir is not None and self._output_dir.is_dir():
+            # This service owns its output folder: debris of writes killed in an earlier run goes now.
+            removed = remove_stale_temps(self._output_dir, older_than=0.0)
+            if removed:
+                _log.info("stale_temp_files_removed", folder=str(self._output_dir), files=removed)
         if self.backend is None:
             repo = self._repository
             if repo is None:
@@ -459,13 +475,36 @@ class LocalService(AppServer):
         alpha, beta = parse_vectors(body, len(session.preset.adapters))
         tag = tag_of(body)
         self._touch(session)
+        entry = self._sessions[session.session_id]
+        self._check_materialize_quota(entry)
         if self._output_dir is None:
             self._output_dir = Path(tempfile.mkdtemp(prefix="evomerge-materialized-"))
-        result = await self._work(self._backend().materialize, session.preset, alpha, beta, self._output_dir)
+        try:
+            result = await self._work(
+                self._backend().materialize, session.preset, alpha, beta, self._output_dir
+            )
+        except StorageError as exc:  # the disk, not the request: 507, naming the path
+            raise Refusal(507, str(exc), "insufficient_storage") from None
+        entry.materialized[str(result["path"])] = int(result.get("bytes") or 0)
         record_served(request, 0, 0)
         if self.reference_only:
             return _json({"path": result["path"], "adapter_name": result["adapter_name"], "tag": tag})
         return _json({**result, "tag": tag, "usage": usage(0, 0)})
+
+    def _check_materialize_quota(self, entry: _Open) -> None:
+        """Refuse (409) a materialize that would pass the session's cap; a merge of a pool is always the
+        same size, so the last one's size says what the next will cost."""
+        done = entry.materialized
+        files, total = len(done), sum(done.values())
+        next_size = next(reversed(done.values()), 0)
+        if files >= self.max_materialized_files or total + next_size > self.max_materialized_bytes:
+            raise Refusal(
+                409,
+                f"this session has materialized {files} merges ({total} bytes); the cap is "
+                f"{self.max_materialized_files} merges and {self.max_materialized_bytes} bytes per session: "
+                "reuse a path already returned, or open a new session",
+                "materialize_limit",
+            )
 
     # -- extensions ------------------------------------------------------------------------------
     async def _delete_session(self, request: web.Request) -> web.Response:
