@@ -8,9 +8,9 @@ search, the merge-service client, the objectives and the merged model. The embed
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._lazy import lazy_names
 from .errors import (
     AuthenticationError,
     BadResponse,
@@ -122,18 +122,9 @@ if TYPE_CHECKING:
     from .service import MergeServiceClient, ServiceSession
 
 
-def __getattr__(name: str) -> Any:
-    """Load a product name on first use; an old name resolves with a DeprecationWarning."""
-    module = _LAZY.get(name)
-    if module is None:
-        return deprecated_alias(__name__, name)
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(
+    __name__, _LAZY, globals(), missing=lambda name: deprecated_alias(__name__, name, stacklevel=4)
+)
 
 
 __all__ = [

@@ -138,7 +138,7 @@ _DEPRECATED = {"Timeout": ("RequestTimeout", RequestTimeout)}
 """Old names kept for one minor version (0.2): they shadowed a builtin. See CHANGELOG.md."""
 
 
-def deprecated_alias(module: str, name: str) -> Any:
+def deprecated_alias(module: str, name: str, stacklevel: int = 3) -> Any:
     """The value of an old name of `module`, with a DeprecationWarning naming the new one; AttributeError
     for a name that was never there. The root package and this module share it."""
     if name not in _DEPRECATED:
@@ -147,7 +147,7 @@ def deprecated_alias(module: str, name: str) -> Any:
     warnings.warn(
         f"{module}.{name} is deprecated; use {new} (the old name goes in 0.3)",
         DeprecationWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
     return value
 

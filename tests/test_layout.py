@@ -15,7 +15,7 @@ import evomerge_sdk
 PACKAGE = Path(evomerge_sdk.__file__).resolve().parent
 
 # The one-home helpers every room may use.
-HELPERS = {"_checks", "_validators", "_io", "_types", "_logs", "errors"}
+HELPERS = {"_checks", "_validators", "_io", "_types", "_logs", "_lazy", "errors"}
 PRODUCT = {"errors", "providers", "http", "scheduler", "engine", "objectives", "service", "merged", "local"}
 # room -> the other rooms it may import (besides HELPERS).
 ALLOWED: dict[str, set[str]] = {
@@ -24,6 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "_io": set(),
     "_types": set(),
     "_logs": set(),
+    "_lazy": set(),
     "errors": {"providers"},  # for a type annotation only
     "providers": set(),
     "http": {"providers"},

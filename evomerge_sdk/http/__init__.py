@@ -22,7 +22,7 @@ from .client import (
     tightest,
 )
 from .server import AppServer, Handler, Refusal, bearer_matches, is_loopback, json_error, until_terminated
-from .wire import field, optional_field
+from .wire import chat_logprobs, chat_usage, field, optional_field
 
 __all__ = [
     "MAX_ANSWER_BYTES",
@@ -34,6 +34,8 @@ __all__ = [
     "SessionOwner",
     "Window",
     "bearer_matches",
+    "chat_logprobs",
+    "chat_usage",
     "check_base_url",
     "check_headers",
     "field",

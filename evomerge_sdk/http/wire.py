@@ -3,17 +3,19 @@ missing field is a `BadResponse` naming its path).
 
 Every adapter, the merge-service client and the SDK's servers parse bodies with `loads`, so JSON nested
 too deeply to parse is the same plain `ValueError` everywhere (a 400 from a server, a `BadResponse` in a
-client), never a `RecursionError` escaping as a 500 or a crash.
+client), never a `RecursionError` escaping as a 500 or a crash. The SDK's servers write the OpenAI
+chat-completion pieces (`chat_logprobs`, `chat_usage`) one way.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 from ..errors import BadResponse
 
-__all__ = ["NestingError", "field", "loads", "optional_field"]
+__all__ = ["NestingError", "chat_logprobs", "chat_usage", "field", "loads", "optional_field"]
 
 
 class NestingError(ValueError):
@@ -53,3 +55,27 @@ def field(obj: Any, key: str, kind: type[_KindT], where: str) -> _KindT:
     if value is None:
         raise BadResponse(f"{where}.{key} should be a {kind.__name__}, is missing or null")
     return value
+
+
+def chat_logprobs(tokens: Iterable[tuple[str, float, Sequence[tuple[str, float]]]]) -> list[dict[str, Any]]:
+    """`choices[0].logprobs.content` of an OpenAI chat completion: per generated token (token, logprob,
+    its most likely alternatives), with the UTF-8 bytes OpenAI sends beside every token."""
+    return [
+        {
+            "token": token,
+            "logprob": logprob,
+            "bytes": list(token.encode()),
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top],
+        }
+        for token, logprob, top in tokens
+    ]
+
+
+def chat_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """The `usage` object of an OpenAI chat completion."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }

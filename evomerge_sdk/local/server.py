@@ -60,7 +60,7 @@ from .._io import canonical_json, remove_stale_temps
 from .._logs import get_logger
 from ..errors import ConfigError, StorageError, UsageError
 from ..http.server import AppServer, Handler, Refusal, check_api_key, is_loopback, until_terminated
-from ..http.wire import loads
+from ..http.wire import chat_logprobs, chat_usage, loads
 from .backend import (
     Decoding,
     Generation,
@@ -597,17 +597,7 @@ class LocalService(AppServer):
         }
         if logprobs:
             choice["logprobs"] = {
-                "content": [
-                    {
-                        "token": g.token,
-                        "logprob": g.logprob,
-                        "bytes": list(g.token.encode()),
-                        "top_logprobs": [
-                            {"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in g.top_logprobs
-                        ],
-                    }
-                    for g in out.tokens
-                ]
+                "content": chat_logprobs((g.token, g.logprob, g.top_logprobs) for g in out.tokens)
             }
         digest = hashlib.sha256(canonical_json(body).encode()).hexdigest()[:24]
         return _json(
@@ -618,12 +608,7 @@ class LocalService(AppServer):
                 "model": model,
                 "system_fingerprint": f"evomerge-local-{backend.revision}",
                 "choices": [choice],
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                    "prompt_tokens_details": {"cached_tokens": 0},
-                },
+                "usage": chat_usage(prompt_tokens, completion_tokens),
             }
         )
 

@@ -28,6 +28,7 @@ from .._checks import is_int
 from .._logs import get_logger
 from ..errors import BudgetExceeded, ConfigError, EvomergeError, ProviderError
 from ..http.server import AppServer, Refusal, is_loopback, until_terminated
+from ..http.wire import chat_logprobs, chat_usage
 from ..providers import Completion, Message, Role
 from .model import MergedModel
 
@@ -171,17 +172,7 @@ class MergedModelServer(AppServer):
         }
         if logprobs and completion.logprobs:
             choice["logprobs"] = {
-                "content": [
-                    {
-                        "token": t.token,
-                        "logprob": t.logprob,
-                        "bytes": list(t.token.encode()),
-                        "top_logprobs": [
-                            {"token": a, "logprob": lp, "bytes": list(a.encode())} for a, lp in t.top[:top]
-                        ],
-                    }
-                    for t in completion.logprobs
-                ],
+                "content": chat_logprobs((t.token, t.logprob, t.top[:top]) for t in completion.logprobs),
                 "refusal": None,
             }
         u = completion.usage
@@ -192,12 +183,7 @@ class MergedModelServer(AppServer):
             "model": self.model_name,
             "system_fingerprint": f"evomerge-{self.model.spec.mode}",
             "choices": [choice],
-            "usage": {
-                "prompt_tokens": u.input_tokens,
-                "completion_tokens": u.output_tokens,
-                "total_tokens": u.input_tokens + u.output_tokens,
-                "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-            },
+            "usage": chat_usage(u.input_tokens, u.output_tokens, u.cached_tokens),
         }
 
 

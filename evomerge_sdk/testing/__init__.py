@@ -13,8 +13,9 @@ Nothing in the product imports this package; tests and benchmarks do.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_names
 
 _LAZY: dict[str, str] = {
     "EchoProvider": ".echo_server",
@@ -32,15 +33,4 @@ if TYPE_CHECKING:
 __all__ = ["EchoProvider", "EchoServer", "LocalObjective", "ObjectiveUsage", "SyntheticPool"]
 
 
-def __getattr__(name: str) -> Any:
-    """Load a double on first use (the echo server pulls in aiohttp, the objective the repository)."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'evomerge_sdk.testing' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())

@@ -53,6 +53,7 @@ from ..http import (
     retry_after_seconds,
     until_terminated,
 )
+from ..http.wire import chat_logprobs, chat_usage
 from ..local.faults import FaultConfig, FaultInjector, ServerLimits, ServerStats, record_served
 from ..providers import ChatRequest, Completion, RateLimitInfo, TokenLogprob, Usage
 from ..scheduler._tokens import TokenCounter
@@ -81,17 +82,13 @@ def echo_answer(messages: list[dict[str, Any]]) -> str:
 
 
 def _logprobs(tokens: list[str], top: int) -> dict[str, Any]:
-    content = []
+    entries = []
     for i, tok in enumerate(tokens):
         h = hashlib.sha256(f"{i}|{tok}".encode()).digest()
         lp = -(h[0] / 255.0) * 2.0
-        alts = [{"token": tok, "logprob": lp, "bytes": list(tok.encode())}]
-        alts += [
-            {"token": f"alt{j}", "logprob": lp - 1.0 - j, "bytes": list(f"alt{j}".encode())}
-            for j in range(max(0, top - 1))
-        ]
-        content.append({"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": alts[:top]})
-    return {"content": content}
+        alts = [(tok, lp)] + [(f"alt{j}", lp - 1.0 - j) for j in range(max(0, top - 1))]
+        entries.append((tok, lp, alts[:top]))
+    return {"content": chat_logprobs(entries)}
 
 
 class EchoServer(AppServer):
@@ -233,12 +230,7 @@ class EchoServer(AppServer):
                 "created": 0,
                 "model": req.model,
                 "choices": [choice],
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                    "prompt_tokens_details": {"cached_tokens": 0},
-                },
+                "usage": chat_usage(prompt_tokens, completion_tokens),
             }
         )
 
