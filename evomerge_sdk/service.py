@@ -39,10 +39,11 @@ from ._logs import get_logger
 from .engine._operators import check_coefficients
 from .errors import BadResponse, ConfigError
 from .http.client import HTTPClient, check_base_url, parse_openai_rate_limits
-from .providers import RateLimitInfo, TokenLogprob, Usage, check_text
+from .providers import Message, RateLimitInfo, TokenLogprob, Usage, as_messages, check_text
 from .scheduler import Outcome, Scheduler, cache_key
 
 __all__ = [
+    "DEFAULT_MAX_TOKENS",
     "DEFAULT_TOKENS_PER_EVALUATION",
     "Evaluation",
     "Materialized",
@@ -54,6 +55,9 @@ __all__ = [
 
 _log = get_logger("evomerge_sdk.service")
 
+DEFAULT_MAX_TOKENS = 256
+"""The longest answer `MergeServiceClient.complete` asks for when the caller sets no `max_tokens` (the
+budget reserves it; a next-token model such as the embedded one answers one token anyway)."""
 DEFAULT_TOKENS_PER_EVALUATION = 300 * 256
 """What one evaluation is assumed to cost when the server reports neither usage nor its dataset's size:
 the paper's 300 validation samples at 256 tokens each. Set `tokens_per_evaluation` for your service."""
@@ -469,20 +473,31 @@ class MergeServiceClient:
         session: ServiceSession,
         alpha: ArrayLike,
         beta: ArrayLike,
-        prompt: str,
+        prompt: str | Sequence[Message],
         *,
-        max_tokens: int = 1,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
         top_logprobs: int = 0,
         temperature: float | None = None,
         seed: int | None = None,
         cache: bool = True,
     ) -> ServiceCompletion:
-        """A completion of `prompt` by the merged model (the `complete` extension)."""
+        """A completion by the merged model (the `complete` extension) of `prompt`: a text, or a whole
+        chat that the service renders through its model's chat template. `max_tokens` bounds the answer
+        (and is what the budget reserves for it)."""
         if "complete" not in await self.extensions():
             raise ConfigError("this service has no completions for merged models (no 'complete' extension)")
         _check_session(session)
-        if not check_text(prompt, "prompt").strip():
-            raise ConfigError("prompt must be a non-empty string")
+        if isinstance(prompt, str):
+            if not check_text(prompt, "prompt").strip():
+                raise ConfigError("prompt must be a non-empty string")
+            asked: dict[str, Any] = {"prompt": prompt}
+            text = prompt
+        else:
+            chat = as_messages(prompt)
+            if not any(m.role == "user" for m in chat):
+                raise ConfigError("a chat needs a user message")
+            asked = {"messages": [{"role": m.role, "content": m.content} for m in chat]}
+            text = "\n".join(m.content for m in chat)
         if not is_int(max_tokens) or max_tokens < 1:
             raise ConfigError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         if temperature is not None and (
@@ -493,15 +508,16 @@ class MergeServiceClient:
         ):
             raise ConfigError(f"temperature must be a finite number >= 0 or None, got {temperature!r}")
         a, b = _vectors(alpha, beta, session.adapter_count)
-        body: dict[str, Any] = {"alpha": a, "beta": b, "prompt": prompt, "max_tokens": max_tokens}
+        body: dict[str, Any] = {"alpha": a, "beta": b, **asked, "max_tokens": max_tokens}
         if top_logprobs:
             body["top_logprobs"] = top_logprobs
         if temperature is not None:
             body["temperature"] = temperature
         if seed is not None:
             body["seed"] = seed
-        # A token is at least one byte, so the prompt's UTF-8 length bounds its tokens.
-        reserve = Usage(len(prompt.encode("utf-8")) + 8, max_tokens)
+        # A token is at least one byte, so the prompt's UTF-8 length bounds its tokens (plus a few per
+        # message for the chat template).
+        reserve = Usage(len(text.encode("utf-8")) + 8 * (1 + len(asked.get("messages", ()))), max_tokens)
         key = (
             cache_key("evomerge/service/complete/v1", session.fingerprint, canonical_json(body, strict=True))
             if cache

@@ -15,8 +15,19 @@ import evomerge_sdk
 PACKAGE = Path(evomerge_sdk.__file__).resolve().parent
 
 # The one-home helpers every room may use.
-HELPERS = {"_checks", "_validators", "_io", "_types", "_logs", "_lazy", "errors"}
-PRODUCT = {"errors", "providers", "http", "scheduler", "engine", "objectives", "service", "merged", "local"}
+HELPERS = {"_checks", "_validators", "_io", "_types", "_logs", "_lazy", "_concurrency", "errors"}
+PRODUCT = {
+    "errors",
+    "providers",
+    "http",
+    "scheduler",
+    "engine",
+    "objectives",
+    "service",
+    "merged",
+    "local",
+    "report",
+}
 # room -> the other rooms it may import (besides HELPERS).
 ALLOWED: dict[str, set[str]] = {
     "_checks": set(),
@@ -25,6 +36,7 @@ ALLOWED: dict[str, set[str]] = {
     "_types": set(),
     "_logs": set(),
     "_lazy": set(),
+    "_concurrency": set(),
     "errors": {"providers"},  # for a type annotation only
     "providers": set(),
     "http": {"providers"},
@@ -34,6 +46,7 @@ ALLOWED: dict[str, set[str]] = {
     "objectives": {"engine", "providers", "scheduler", "service"},
     "local": {"engine", "http", "objectives"},
     "merged": {"engine", "http", "local", "objectives", "providers", "scheduler", "service"},
+    "report": {"engine"},  # any search result as a PNG and a table
     "testing": PRODUCT,
     "demo": PRODUCT,
     "cli": PRODUCT | {"demo"},

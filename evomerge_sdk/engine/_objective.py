@@ -129,6 +129,11 @@ class Objective(Protocol):
     It may return NaN or inf for a candidate it could not score; the search ranks such candidates worst
     and counts them. Raising `BudgetExceeded` makes the search stop cleanly with the best so far; any
     other exception propagates (the last checkpoint lets the run resume).
+
+    Money before queries: an objective that spends may also define `async check_affordable(candidates,
+    context)`, raising `BudgetExceeded` (saying how much is needed) when one generation of `candidates`
+    in `context` cannot be paid for; the search calls it before each stage's first generation, so a
+    budget too small for one generation fails before any request.
     """
 
     async def __call__(

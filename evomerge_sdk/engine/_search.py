@@ -557,6 +557,7 @@ class EvoMerge:
         es, fixed = state.es, state.fixed
         assert es is not None and fixed is not None
         early = self.config.early_stopping
+        planned = False
         while True:
             reason = es.stop()
             if reason is not None:
@@ -572,6 +573,11 @@ class EvoMerge:
                 seed=derive_seed(self.config.seed, state.stage_index, state.stage_generation + 1),
                 batch_size=settings.batch_size,
             )
+            if not planned:  # money before queries: this stage's first generation here must be payable
+                planned = True
+                check = getattr(self.objective, "check_affordable", None)
+                if check is not None:
+                    await check(len(candidates), context)
             losses = await evaluate_losses(self.objective, candidates, context)
             finite = np.isfinite(losses)
             fitness = np.where(finite, losses + settings.penalty * np.mean(np.abs(xs), axis=1), np.inf)

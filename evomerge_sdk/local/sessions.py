@@ -174,23 +174,29 @@ def parse_examples_indices(value: object, n: int) -> IntArray | None:
 
 
 def prompt_of_messages(messages: object) -> str:
-    """The text the embedded model reads from a chat: the last user message (text parts joined)."""
+    """The text a backend reads from a chat: the service's chat template, which is every turn's text in
+    order (system, user and assistant alike, text parts joined), so the whole history conditions the
+    answer. A chat needs a user message."""
     if not isinstance(messages, list) or not messages:
         raise MalformedRequest("messages must be a non-empty list of {role, content} objects")
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise MalformedRequest("every message must be an object with a string role")
-    user = [m for m in messages if m["role"] == "user"]
-    if not user:
+    if not any(m["role"] == "user" for m in messages):
         raise MalformedRequest("messages must include a user message")
-    content = user[-1].get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-        parts = [p.get("text") for p in content if p.get("type") == "text"]
-        if parts and all(isinstance(p, str) for p in parts):
-            return " ".join(str(p) for p in parts)
-    raise MalformedRequest("a user message's content must be a string or a list of text parts")
+    texts = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+            parts = [p.get("text") for p in content if p.get("type") == "text"]
+            if parts and all(isinstance(p, str) for p in parts):
+                content = " ".join(str(p) for p in parts)
+        if content is None and m["role"] == "assistant":
+            continue
+        if not isinstance(content, str):
+            raise MalformedRequest("a message's content must be a string or a list of text parts")
+        texts.append(content)
+    return " ".join(t for t in texts if t)
 
 
 # -- sessions ---------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ on an embedded service it starts.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -26,12 +27,14 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import numpy as np
 
+from .._concurrency import run_concurrently
 from ..engine._operators import merge_outputs
-from ..errors import ConfigError
+from ..errors import ConfigError, UsageError
 from ..objectives.metrics import log_softmax
 from ..objectives.output import MEAN_REFERENCE, AnswerSet, Providers, provider_for, score_prompt
-from ..providers import Completion, Message, TokenLogprob, Usage, as_messages
+from ..providers import Completion, Message, Provider, TokenLogprob, Usage, as_messages
 from ..scheduler import Scheduler
+from ..service import DEFAULT_MAX_TOKENS
 from .spec import MergedSpec, save_spec
 
 if TYPE_CHECKING:
@@ -113,8 +116,8 @@ class MergedModel:
 
     async def aclose(self) -> None:
         """Close the scheduler it opened (the provider and client stay the caller's)."""
-        if self._own_scheduler and self._opened and self.scheduler is not None:
-            self._opened = False
+        opened, self._opened = self._opened, False
+        if self._own_scheduler and opened and self.scheduler is not None:
             await self.scheduler.__aexit__(None, None, None)
 
     def save(self, path: str | Path) -> Path:
@@ -122,17 +125,26 @@ class MergedModel:
         return save_spec(self.spec, path)
 
     async def complete(
-        self, messages: str | Sequence[Message] | Sequence[Mapping[str, str]], *, max_tokens: int = 1
+        self,
+        messages: str | Sequence[Message] | Sequence[Mapping[str, str]],
+        *,
+        max_tokens: int | None = None,
     ) -> Completion:
-        """The merged model's answer to a chat, with the usage of every query it made.
+        """The merged model's answer to a whole chat, with the usage of every query it made.
 
         Output mode scores the chat's answer options with one query per model (`max_tokens` does not
-        apply: the answer is one option); provider mode sends the merge service the last user message
-        as its prompt, since the service completes prompts, not chats.
+        apply: the answer is one option); provider mode sends the merge service the whole chat, which it
+        renders through its model's chat template, and `max_tokens` None leaves the length to the
+        service client's default. A failed query raises the SDK's own error (the first failure, the
+        others attached), never an ExceptionGroup.
         """
+        if not self._opened:
+            raise UsageError(
+                "open the merged model first: `async with MergedModel(...) as merged:` (or open_merged)"
+            )
         return await self._complete(_messages(messages), max_tokens)
 
-    async def _complete(self, chat: tuple[Message, ...], max_tokens: int) -> Completion:
+    async def _complete(self, chat: tuple[Message, ...], max_tokens: int | None) -> Completion:
         raise NotImplementedError  # every MergedModel is one of the two mode classes below
 
 
@@ -153,7 +165,7 @@ class OutputMergedModel(MergedModel):
         self.scheduler = self._scheduler
         self.answer_set = AnswerSet(spec.answer_set)
 
-    async def _complete(self, chat: tuple[Message, ...], max_tokens: int) -> Completion:
+    async def _complete(self, chat: tuple[Message, ...], max_tokens: int | None) -> Completion:
         spec, scheduler, provider, answers = self.spec, self._scheduler, self._provider, self.answer_set
         asked = spec.queried_models()
         rows: dict[str, Any] = {}
@@ -166,9 +178,7 @@ class OutputMergedModel(MergedModel):
             usage.append(used)
             self.models_queried[model] += 1
 
-        async with anyio.create_task_group() as tg:
-            for model in asked:
-                tg.start_soon(one, model)
+        await run_concurrently([functools.partial(one, model) for model in asked])
         if spec.reference == MEAN_REFERENCE:
             z = np.stack([rows[m] for m in spec.pool])
             merged = merge_outputs(z.mean(axis=0), z, spec.alpha, spec.beta)
@@ -212,17 +222,17 @@ class ProviderMergedModel(MergedModel):
         self._session: ServiceSession | None = None
         self._lock = anyio.Lock()
 
-    async def _complete(self, chat: tuple[Message, ...], max_tokens: int) -> Completion:
+    async def _complete(self, chat: tuple[Message, ...], max_tokens: int | None) -> Completion:
         client, spec = self._client, self.spec
         assert spec.preset_id is not None
         async with self._lock:
             if self._session is None:
                 self._session = await client.create_session(spec.preset_id)
-        prompt = next((m.content for m in reversed(chat) if m.role == "user"), None)
-        if prompt is None:
+        if not any(m.role == "user" for m in chat):
             raise ConfigError("a completion needs a user message")
+        length = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
         out = await client.complete(
-            self._session, spec.alpha, spec.beta, prompt, max_tokens=max_tokens, top_logprobs=20
+            self._session, spec.alpha, spec.beta, chat, max_tokens=length, top_logprobs=20
         )
         self.models_queried["merge-service"] += 1
         return Completion(
@@ -241,14 +251,20 @@ async def open_merged(
     base_url: str | None = None,
     upstream_api_key: str | None = None,
     scheduler: Scheduler | None = None,
+    providers: Mapping[str, Provider] | None = None,
 ) -> AsyncIterator[MergedModel]:
-    """A ready `MergedModel` for `spec`: the models are reached at `base_url` (an OpenAI-compatible
-    `/v1` URL in output mode, a merge service in provider mode) or, when the spec came from the
-    embedded repository and no URL is given, on an embedded service started here for the block."""
+    """A ready `MergedModel` for `spec`. Its models are reached through `providers` (output mode: one per
+    model, for a pool spread over several APIs; they stay the caller's), else at `base_url` (an
+    OpenAI-compatible `/v1` URL in output mode, a merge service in provider mode), else at the
+    `base_url` the spec's source records, else, when the spec came from the embedded repository, on an
+    embedded service started here for the block."""
     if not isinstance(spec, MergedSpec):
         raise ConfigError(f"spec must be a MergedSpec (see load_spec), got {type(spec).__name__}")
     async with AsyncExitStack() as stack:
-        url = base_url
+        if providers is not None and spec.mode == "output":
+            yield await stack.enter_async_context(MergedModel(spec, provider=providers, scheduler=scheduler))
+            return
+        url = base_url if base_url is not None else spec.source.get("base_url")
         if url is None:
             if spec.source.get("kind") != "embedded":
                 raise ConfigError(

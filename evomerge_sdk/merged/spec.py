@@ -15,6 +15,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .._io import write_json_atomic
+from ..engine._search import SearchResult
 from ..errors import ConfigError
 from ..objectives.output import MEAN_REFERENCE, AnswerSet, ScoringConfig
 
@@ -94,6 +95,43 @@ class MergedSpec:
                 raise ConfigError(f"the reference {self.reference!r} must not be a pool model")
         elif not self.preset_id:
             raise ConfigError("a provider-side merged model needs the preset_id of its pool")
+
+    @classmethod
+    def from_result(
+        cls,
+        result: SearchResult,
+        pool: Sequence[str],
+        *,
+        answer_set: Sequence[str] = (),
+        reference: str = MEAN_REFERENCE,
+        scoring: ScoringConfig | None = None,
+        base_url: str | None = None,
+        preset_id: str | None = None,
+        name: str = "evomerge-merged",
+    ) -> MergedSpec:
+        """The merged model a search found, in one call: output mode over `pool`'s models with
+        `answer_set` and `reference` (and the `scoring` the search's scores were collected with), or,
+        with `preset_id`, parameter mode over a merge service's pool. `base_url` records where the
+        models live (an OpenAI-compatible `/v1` URL, or the merge service), so `evomerge serve` needs no
+        `--base-url`."""
+        if not isinstance(result, SearchResult):
+            raise ConfigError(f"result must be a SearchResult, got {type(result).__name__}")
+        output = preset_id is None
+        source: dict[str, Any] = {}
+        if base_url is not None:
+            source = {"kind": "openai" if output else "service", "base_url": base_url}
+        return cls(
+            mode="output" if output else "provider",
+            pool=pool,
+            alpha=result.alpha,
+            beta=result.beta,
+            source=source,
+            reference=reference,
+            answer_set=answer_set,
+            scoring=scoring if scoring is not None else ScoringConfig(),
+            preset_id=preset_id,
+            name=name,
+        )
 
     @property
     def active(self) -> tuple[str, ...]:

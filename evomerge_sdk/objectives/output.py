@@ -23,21 +23,22 @@ search runs on the cached tensor, so its query cost does not grow with generatio
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-import anyio
 import attrs
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from .._checks import is_int, is_number
+from .._concurrency import Job, run_concurrently
 from .._types import FloatArray, IntArray
 from .._validators import positive_int
 from ..engine._objective import Candidate, EvaluationContext, Split
 from ..engine._operators import keep_count, magnitude_order
-from ..errors import BadResponse, ConfigError
+from ..errors import BadResponse, BudgetExceeded, ConfigError
 from ..providers import ChatRequest, Completion, Message, Provider, Usage, as_messages
 from ..scheduler import Outcome, Scheduler, cache_key, chat_cache_key
 from .metrics import accuracy, cross_entropy, macro_f1
@@ -50,8 +51,11 @@ __all__ = [
     "OutputSpaceObjective",
     "Providers",
     "ScoreTable",
+    "ScoringCallback",
     "ScoringConfig",
+    "ScoringProgress",
     "collect_scores",
+    "plan_scoring",
     "provider_for",
     "score_completion",
     "scoring_request",
@@ -323,9 +327,8 @@ async def score_prompt(
     total = Usage()
     cached = 0
     field = _seed_field(config, provider)
-    seed0 = config.seed * 1_000_003
-    for sample in range(config.samples):
-        text, usage, hit = await _vote(scheduler, provider, request, seed0 + sample, field)
+    for sample in _samples(config):
+        text, usage, hit = await _vote(scheduler, provider, request, sample, field)
         total = total + usage
         cached += int(hit)
         choice = answer_set.match_text(text)
@@ -391,17 +394,87 @@ def provider_for(providers: Providers, model: str) -> Provider:
     return found
 
 
+@attrs.frozen
+class ScoringProgress:
+    """Where a scoring pass stands: prompts scored (`done` of `total` model x example pairs), how many
+    came from the cache, and the tokens paid so far."""
+
+    done: int
+    total: int
+    cached: int
+    tokens: int
+
+
+ScoringCallback = Callable[[ScoringProgress], Any]
+"""`collect_scores`' progress callback: a plain or an async function of `ScoringProgress`."""
+
+
+async def plan_scoring(
+    scheduler: Scheduler,
+    provider: Providers,
+    models: Sequence[str],
+    examples: LabelledExamples,
+    config: ScoringConfig | None = None,
+) -> dict[str, Usage]:
+    """The worst-case usage per model of the requests a scoring pass would send (cached answers excluded):
+    what `collect_scores` checks against the budget before sending anything."""
+    config = ScoringConfig() if config is None else config
+    plan: dict[str, Usage] = {}
+    cache = scheduler.cache
+    for model in models:
+        chosen = provider_for(provider, model)
+        method = config.method_for(chosen)
+        field = _seed_field(config, chosen)
+        total = Usage()
+        for prompt in examples.prompts:
+            request = scoring_request(model, prompt, config, method)
+            key = chat_cache_key(chosen.name, request)
+            if method == "logprobs":
+                keys = [key]
+            else:
+                seeded = [
+                    attrs.evolve(request, extra={**request.extra, field: sample}) if field else request
+                    for sample in _samples(config)
+                ]
+                keys = [
+                    cache_key("evomerge/objectives/vote/v1", chat_cache_key(chosen.name, r), str(sample))
+                    for r, sample in zip(seeded, _samples(config), strict=True)
+                ]
+            unpaid = sum(1 for k in keys if cache is None or (cache.get(k) is None and not cache.on_disk(k)))
+            if unpaid:
+                worst = Usage(await scheduler.tokens.acount_request(request), request.max_tokens)
+                total = total + Usage(worst.input_tokens * unpaid, worst.output_tokens * unpaid)
+        if total.input_tokens or total.output_tokens:
+            plan[model] = total
+    return plan
+
+
+def _samples(config: ScoringConfig) -> range:
+    """The seeds of a vote's samples (per scoring seed, so two seeds never share a sample)."""
+    seed0 = config.seed * 1_000_003
+    return range(seed0, seed0 + config.samples)
+
+
 async def collect_scores(
     scheduler: Scheduler,
     provider: Providers,
     models: Sequence[str],
     examples: LabelledExamples,
     config: ScoringConfig | None = None,
+    *,
+    on_progress: ScoringCallback | None = None,
 ) -> ScoreTable:
     """Ask every model once per example (see the module doc) and return the `ScoreTable`.
 
     `provider` may map model names to providers: each model is scored the way its provider allows
     (log-probabilities, or votes for a provider without them), so one pool can span several APIs.
+
+    Money before queries: with a budget, the pass's worst case (`plan_scoring`) is checked first, and a
+    budget that cannot pay for it is a `BudgetExceeded` saying how much is needed, before any request.
+    Should the budget still run out (another user of the scheduler), the answers already paid for are
+    kept in the scheduler's cache and the `BudgetExceeded` says so: a rerun pays only for the rest.
+    Failures are the SDK's own errors (the first one; never an ExceptionGroup). `on_progress` (plain or
+    async) receives a `ScoringProgress` after every prompt scored.
     """
     config = ScoringConfig() if config is None else config
     if not isinstance(scheduler, Scheduler):
@@ -418,25 +491,49 @@ async def collect_scores(
         raise ConfigError(f"every model name must be a non-empty string, got {list(models)!r:.80}")
     if len(set(models)) != len(models):
         raise ConfigError("models must not name a model twice")
+    if on_progress is not None and not callable(on_progress):
+        raise ConfigError(f"on_progress must be a function or None, got {on_progress!r:.60}")
     chosen = [provider_for(provider, m) for m in models]
+    if scheduler.budget is not None:
+        plan = await plan_scoring(scheduler, provider, models, examples, config)
+        pairs = f"{len(models)} models x {len(examples)} prompts"
+        scheduler.check_affordable(plan, f"scoring {pairs}")
     scores = np.zeros((len(models), len(examples), len(examples.answer_set)))
     usages: list[Usage] = []
     cached = 0
-
-    async def one(m: int, e: int) -> None:
-        nonlocal cached
-        row, usage, hits = await score_prompt(
-            scheduler, chosen[m], models[m], examples.prompts[e], examples.answer_set, config
-        )
-        scores[m, e] = row
-        usages.append(usage)
-        cached += hits
-
+    tokens = 0
     jobs = [(m, e) for m in range(len(models)) for e in range(len(examples))]
-    for start in range(0, len(jobs), _BATCH):
-        async with anyio.create_task_group() as tg:
-            for m, e in jobs[start : start + _BATCH]:
-                tg.start_soon(one, m, e)
+
+    def job(m: int, e: int) -> Job:
+        async def run() -> None:
+            nonlocal cached, tokens
+            row, usage, hits = await score_prompt(
+                scheduler, chosen[m], models[m], examples.prompts[e], examples.answer_set, config
+            )
+            scores[m, e] = row
+            usages.append(usage)
+            cached += hits
+            tokens += usage.input_tokens + usage.output_tokens
+            if on_progress is not None:
+                shown = on_progress(ScoringProgress(len(usages), len(jobs), cached, tokens))
+                if inspect.isawaitable(shown):
+                    await shown
+
+        return run
+
+    try:
+        for start in range(0, len(jobs), _BATCH):
+            await run_concurrently(
+                [job(m, e) for m, e in jobs[start : start + _BATCH]],
+                keep_going=lambda exc: isinstance(exc, BudgetExceeded),
+            )
+    except BudgetExceeded as exc:
+        raise BudgetExceeded(
+            f"the scoring pass ran out of budget after {len(usages):,} of {len(jobs):,} prompts; the "
+            f"answers paid for are in the scheduler's cache, so a rerun with a larger budget pays only "
+            f"for the rest ({exc})",
+            spent=exc.spent,
+        ) from exc
     total = Usage()
     for u in usages:
         total = total + u
@@ -451,7 +548,6 @@ async def collect_scores(
     )
 
 
-# -- the objective -------------------------------------------------------------------------------
 def _floats(value: ArrayLike) -> FloatArray:
     return np.asarray(value, dtype=np.float64)
 

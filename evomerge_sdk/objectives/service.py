@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import anyio
-
+from .._concurrency import Job, run_concurrently
 from .._logs import get_logger
 from ..engine._objective import Candidate, EvaluationContext, Split
 from ..errors import BudgetExceeded, ConfigError
+from ..providers import Usage
 from ..service import MergeServiceClient, ServiceSession
 
 __all__ = ["ServiceObjective"]
@@ -25,7 +25,7 @@ _log = get_logger("evomerge_sdk.service")
 class ServiceObjective:
     """The engine's `Objective` over a merge service: each candidate's loss from one evaluation.
 
-    A generation is sent concurrently (an anyio task group; the scheduler bounds concurrency).
+    A generation is sent concurrently (the scheduler bounds concurrency); a failure is the SDK's own error.
     `context.split` picks the session: `validation`, or `held_out` for early stopping (ConfigError if
     the search asks for a held-out split and there is none). With `context.batch_size` set, each
     candidate is scored on the generation's minibatch, when the server has the minibatch extension;
@@ -72,6 +72,20 @@ class ServiceObjective:
             )
         return self.held_out
 
+    async def check_affordable(self, candidates: int, context: EvaluationContext) -> None:
+        """`BudgetExceeded` naming the amount needed, before any request, when the client's budget cannot
+        pay for `candidates` evaluations in `context` at their worst case (see `Objective`)."""
+        session = self._session(context.split)
+        examples = None
+        if context.batch_size is not None and session.minibatch and session.n_examples is not None:
+            chosen = context.minibatch(session.n_examples)
+            examples = None if chosen is None else chosen.tolist()
+        each = self.client.worst_case(session, examples)
+        self.client.scheduler.check_affordable(
+            {self.client.model: Usage(each * candidates, 0)},
+            f"one generation of the search ({candidates} candidates x up to {each:,} tokens each)",
+        )
+
     async def __call__(self, candidates: Sequence[Candidate], context: EvaluationContext) -> list[float]:
         """Score every candidate on the context's split (and minibatch); losses in order."""
         session = self._session(context.split)
@@ -87,27 +101,23 @@ class ServiceObjective:
                     batch_size=context.batch_size,
                 )
         losses = [math.nan] * len(candidates)
-        errors: list[tuple[int, Exception]] = []
 
-        async def one(i: int, candidate: Candidate, scope: anyio.CancelScope) -> None:
-            try:
+        def job(i: int, candidate: Candidate) -> Job:
+            async def run() -> None:
                 ev = await self.client.evaluate(
                     session, candidate.alpha, candidate.beta, examples=examples, tag=context.stage
                 )
-            except Exception as exc:  # collected: a task group would wrap it in an ExceptionGroup
-                errors.append((i, exc))
-                if not isinstance(exc, BudgetExceeded):
-                    scope.cancel()  # a final failure: the rest of the generation is moot
-                return
-            losses[i] = ev.loss
-            self.evaluations += 1
-            self.examples_scored += ev.n_examples or 0
-            self.cache_hits += int(ev.cached)
+                losses[i] = ev.loss
+                self.evaluations += 1
+                self.examples_scored += ev.n_examples or 0
+                self.cache_hits += int(ev.cached)
 
-        async with anyio.create_task_group() as tg:
-            for i, candidate in enumerate(candidates):
-                tg.start_soon(one, i, candidate, tg.cancel_scope)
-        if errors:
-            errors.sort(key=lambda e: (isinstance(e[1], BudgetExceeded), e[0]))
-            raise errors[0][1]
+            return run
+
+        # A spent budget lets the evaluations already paid for finish; any other failure ends the
+        # generation, which is moot without it.
+        await run_concurrently(
+            [job(i, c) for i, c in enumerate(candidates)],
+            keep_going=lambda exc: isinstance(exc, BudgetExceeded),
+        )
         return losses

@@ -35,7 +35,6 @@ from typing import Any
 
 import anyio
 import attrs
-import structlog
 
 from .._checks import check_number, is_int
 from .._logs import get_logger
@@ -247,6 +246,11 @@ class Scheduler:
         return self._cache
 
     @property
+    def budget(self) -> Budget | None:
+        """The hard budget (None: no cap)."""
+        return self._ledger.budget
+
+    @property
     def tokens(self) -> TokenCounter:
         """The token counter used for reservations."""
         return self._tokens
@@ -279,6 +283,34 @@ class Scheduler:
         """Wait until every cached result so far is on disk (call it when writing a checkpoint)."""
         if self._cache is not None:
             await self._cache.flush()
+
+    def check_affordable(self, plan: Mapping[str, Usage], what: str) -> None:
+        """Money before queries: `BudgetExceeded` saying how much is needed, before anything is sent, when
+        the worst case of `plan` (usage per model, e.g. a scoring pass or one search generation) does not
+        fit in what the budget has left. Requests answered from the cache belong outside `plan`."""
+        budget = self._ledger.budget
+        if budget is None:
+            return
+        spent = self._ledger.spend()
+        short = []
+        tokens = sum(u.input_tokens + u.output_tokens for u in plan.values())
+        used = spent.tokens + spent.reserved_tokens
+        if budget.tokens is not None and used + tokens > budget.tokens:
+            short.append(
+                f"up to {tokens:,} tokens but {max(0, budget.tokens - used):,} of the "
+                f"{budget.tokens:,}-token budget are left (a budget of at least {used + tokens:,} tokens "
+                "pays for it)"
+            )
+        if budget.usd is not None:
+            usd = sum(self.price(m).cost(u) for m, u in plan.items()) / 1e12
+            used_usd = spent.usd + spent.reserved_usd
+            if used_usd + usd > budget.usd:
+                short.append(
+                    f"up to ${usd:.6f} but ${max(0.0, budget.usd - used_usd):.6f} of the ${budget.usd:g} "
+                    f"budget is left (at least ${used_usd + usd:.6f} pays for it)"
+                )
+        if short:
+            raise BudgetExceeded(f"{what} needs " + "; ".join(short) + ": nothing was sent", spent=spent)
 
     def price(self, model: str) -> ModelPrice:
         """The price bound to `model` (ConfigError for a model this scheduler was not built for)."""
@@ -632,16 +664,10 @@ def _native_timeout() -> Callable[[float], AbstractAsyncContextManager[Any]] | N
 
 
 def _debug_enabled(log: Any) -> bool:
-    """Whether per-request debug events would be emitted (decided when the scheduler opens).
-
-    structlog's unconfigured default prints every level to stdout; a library must not flood an
-    application that never asked for its debug events, so they need an explicit structlog configuration
-    (or a logger passed in).
-    """
+    """Whether per-request debug events would be emitted (decided when the scheduler opens): the SDK's
+    own logger asks `logging` (or the application's structlog configuration), see `_logs`."""
     if log is _DEFAULT_LOG:
-        if not structlog.is_configured():
-            return False
-        log = structlog.get_logger(_DEFAULT_LOG.name)
+        return bool(_DEFAULT_LOG.is_enabled_for(logging.DEBUG))
     try:
         bound = log.bind()
         check = getattr(bound, "is_enabled_for", None) or getattr(bound, "isEnabledFor", None)

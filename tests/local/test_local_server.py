@@ -368,18 +368,19 @@ async def test_chat_completions_over_base_and_adapters(
     for model, weights in (("base", repo.base), ("ner/bio", repo.single("ner/bio"))):
         body = {
             "model": model,
-            "messages": [{"role": "system", "content": "ignored"}, {"role": "user", "content": prompt}],
+            "messages": [{"role": "system", "content": "label it"}, {"role": "user", "content": prompt}],
             "logprobs": True,
             "top_logprobs": 2,
             "max_tokens": 4,
         }
         status, _, reply = await call(http, "POST", url, body)
-        want = repo.top_logprobs(weights, prompt, 2)
+        # The chat template reads every turn, the system message included.
+        want = repo.top_logprobs(weights, f"label it {prompt}", 2)
         assert status == 200 and reply["object"] == "chat.completion" and reply["model"] == model
         content = reply["choices"][0]["logprobs"]["content"][0]
         assert reply["choices"][0]["message"]["content"] == content["token"] == want[0][0]
         assert [(t["token"], t["logprob"]) for t in content["top_logprobs"]] == want
-        words = len(repo.tokenizer.split(prompt))
+        words = len(repo.tokenizer.split(f"label it {prompt}"))
         assert reply["usage"]["prompt_tokens"] == words and reply["usage"]["completion_tokens"] == 1
 
 
