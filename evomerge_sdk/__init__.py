@@ -56,6 +56,7 @@ _ENGINE = (
     "SearchResult",
     "Split",
     "StageConfig",
+    "StopReason",
     "ablations",
     "best_single",
     "fit_to_queries",
@@ -72,17 +73,23 @@ _MERGED = ("MergedModel", "MergedModelServer", "MergedSpec", "load_spec", "open_
 _OBJECTIVES = (
     "AnswerSet",
     "LabelledExamples",
+    "OutputScores",
     "OutputSpaceObjective",
+    "ScoreTable",
     "ScoringConfig",
+    "ScoringProgress",
     "ServiceObjective",
     "collect_scores",
+    "plan_scoring",
 )
+_REPORT = ("markdown_table", "write_convergence_png")
 _LAZY: dict[str, str] = {
     **dict.fromkeys(_ENGINE, ".engine"),
     **dict.fromkeys(_SCHEDULER, ".scheduler"),
     **dict.fromkeys(_SERVICE, ".service"),
     **dict.fromkeys(_MERGED, ".merged"),
     **dict.fromkeys(_OBJECTIVES, ".objectives"),
+    **dict.fromkeys(_REPORT, ".report"),
 }
 
 if TYPE_CHECKING:
@@ -99,6 +106,7 @@ if TYPE_CHECKING:
         SearchResult,
         Split,
         StageConfig,
+        StopReason,
         ablations,
         best_single,
         fit_to_queries,
@@ -113,11 +121,16 @@ if TYPE_CHECKING:
     from .objectives import (
         AnswerSet,
         LabelledExamples,
+        OutputScores,
         OutputSpaceObjective,
+        ScoreTable,
         ScoringConfig,
+        ScoringProgress,
         ServiceObjective,
         collect_scores,
+        plan_scoring,
     )
+    from .report import markdown_table, write_convergence_png
     from .scheduler import Budget, Price, PriceTable, RetryPolicy, Scheduler
     from .service import MergeServiceClient, ServiceSession
 
@@ -152,6 +165,7 @@ __all__ = [
     "MergedSpec",
     "Message",
     "Objective",
+    "OutputScores",
     "OutputSpaceObjective",
     "Price",
     "PriceTable",
@@ -164,7 +178,9 @@ __all__ = [
     "RetryPolicy",
     "RetryableError",
     "Scheduler",
+    "ScoreTable",
     "ScoringConfig",
+    "ScoringProgress",
     "SearchConfig",
     "SearchResult",
     "ServerError",
@@ -172,6 +188,7 @@ __all__ = [
     "ServiceSession",
     "Split",
     "StageConfig",
+    "StopReason",
     "StorageError",
     "TokenLogprob",
     "Usage",
@@ -184,10 +201,13 @@ __all__ = [
     "load_provider",
     "load_spec",
     "lorahub",
+    "markdown_table",
     "open_merged",
+    "plan_scoring",
     "planned_queries",
     "preset",
     "random_search",
     "task_arithmetic",
     "uniform_merge",
+    "write_convergence_png",
 ]

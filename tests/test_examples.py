@@ -23,3 +23,10 @@ def _load(name: str):  # type: ignore[no-untyped-def]
 async def test_service_search_example_runs_a_budgeted_search() -> None:
     loss = await _load("service_search").main(max_evaluations=80)
     assert math.isfinite(loss) and loss > 0
+
+
+@pytest.mark.anyio
+async def test_output_merge_example_scores_searches_builds_and_serves(tmp_path: Path) -> None:
+    answer = await _load("output_merge").main(out=tmp_path / "output-merge")
+    merged = (tmp_path / "output-merge" / "merged.json").read_text(encoding="utf-8")
+    assert answer and f'"{answer}"' in merged  # an option of the saved merged model's answer set

@@ -1,7 +1,9 @@
-"""The SDK stays quiet below WARNING until the application configures structlog."""
+"""The SDK logs through the standard library (structlog's stdlib integration): `logging` configuration
+controls everything it prints; an application that configures structlog gets the events instead."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -13,17 +15,29 @@ from evomerge_sdk.local.server import LocalService
 from evomerge_sdk.service import MergeServiceClient
 
 
-def test_routine_events_wait_for_the_application(
-    capsys: pytest.CaptureFixture[str], restore_logging: None
+def test_events_go_through_logging_which_controls_them(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, restore_logging: None
 ) -> None:
     structlog.reset_defaults()
     log = get_logger("evomerge_sdk.test")
-    log.debug("a_detail", n=1)
-    log.info("a_routine_event")
-    assert capsys.readouterr().out == ""
-    log.warning("worth_knowing", why="always emitted")
-    assert "worth_knowing" in capsys.readouterr().out
-    with structlog.testing.capture_logs() as seen:
+    with caplog.at_level(logging.WARNING, logger="evomerge_sdk"):
+        log.debug("a_detail", n=1)
+        log.info("a_routine_event")
+        log.warning("worth_knowing", why="shown")
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("evomerge_sdk.test", "WARNING", "event='worth_knowing' why='shown'")
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="evomerge_sdk"):
+        log.debug("a_detail", n=1)
+    assert [r.levelname for r in caplog.records] == ["DEBUG"]
+    caplog.clear()
+    with caplog.at_level(logging.CRITICAL, logger="evomerge_sdk"):  # the application silences the SDK
+        log.warning("worth_knowing")
+        log.error("a_failure")
+    assert caplog.records == []
+    assert capsys.readouterr().out == ""  # never stdout
+    with structlog.testing.capture_logs() as seen:  # an application that configures structlog
         log.debug("a_detail", n=1)
         log.info("a_routine_event")
     assert [(e["event"], e["log_level"]) for e in seen] == [

@@ -33,3 +33,18 @@ def test_readme_python_examples_compile() -> None:
     for block in blocks:
         # Snippets may await at top level, as in an async REPL (`python -m asyncio`).
         compile(block, "README.md", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+
+
+def test_every_environment_variable_the_code_reads_is_documented() -> None:
+    sources = [*(ROOT / "evomerge_sdk").rglob("*.py"), *(ROOT / "adapters").rglob("*.py")]
+    read = set()
+    for path in sources:
+        text = path.read_text(encoding="utf-8")
+        read |= set(re.findall(r'(?:environ\.get\(|environ\[|getenv\(|_env\()\s*"([A-Z][A-Z0-9_]+)"', text))
+        read |= set(re.findall(r'"([A-Z][A-Z0-9_]+)" in os\.environ', text))
+        read |= set(re.findall(r'_setting\([^)]*"([A-Z][A-Z0-9_]+)"\)', text))
+        read |= set(re.findall(r'^[A-Z_]*_ENV\s*=\s*"([A-Z][A-Z0-9_]+)"', text, flags=re.M))
+    assert {"EVOMERGE_API_KEY", "EVOMERGE_CACHE_DIR", "EVOMERGE_BLAS_THREADS", "OPENAI_API_KEY"} <= read
+    table = (ROOT / "README.md").read_text(encoding="utf-8").split("| environment variable |")[1]
+    missing = sorted(v for v in read if f"`{v}`" not in table)
+    assert not missing, f"README's environment table lacks {missing}"

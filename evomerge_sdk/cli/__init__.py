@@ -3,7 +3,8 @@
     evomerge demo [--quick] [--seed N] [--pool-size N] [--target NAME] [--budget TOKENS] [--out DIR]
     evomerge serve-local [--port N] [--rpm N] [--tpm N] [--error-rate P] [--latency S] [--drop-rate P]
     evomerge demo --mode output [--quick] [--reference base|mean] ...   (output-space merging)
-    evomerge serve RESULT.json [--host H] [--port N] [--api-key K] [--base-url URL]
+    evomerge serve RESULT.json [--host H] [--port N] [--api-key K] [--base-url URL] [--budget TOKENS] ...
+    evomerge --version
 
 One parser (`build_parser`); each subcommand is a module of its own (`_demo`, `_serve`, `_serve_local`)
 with `HELP`, `add_arguments` and `run`, listed in `COMMANDS`, so more can be added without touching
@@ -17,6 +18,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from .. import __version__
 from ..errors import EvomergeError
 from . import _demo, _serve, _serve_local
 
@@ -24,14 +26,17 @@ __all__ = ["COMMANDS", "main"]
 
 
 def _configure_logging(verbose: int) -> None:
-    """Log to stderr: warnings by default, info with -v, debug with -vv (stdout stays for results)."""
-    import structlog
-
+    """Log to stderr through `logging` (stdout stays for results): the SDK's warnings by default, info
+    with -v, debug with -vv; other libraries stay at warnings. The SDK's events reach `logging` through
+    structlog's stdlib integration (see `evomerge_sdk._logs`)."""
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
+    root = logging.getLogger()
+    if not any(getattr(h, "evomerge_cli", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("evomerge %(levelname)s %(name)s: %(message)s"))
+        handler.evomerge_cli = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    logging.getLogger("evomerge_sdk").setLevel(level)
 
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -48,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="evomerge", description="Black-box merging of LLMs reachable only through APIs (Evo-Merging)."
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
+    parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, _) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))

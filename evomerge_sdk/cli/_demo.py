@@ -18,7 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool-size", type=positive_int, default=20, help="adapters in the pool (default 20)")
     p.add_argument("--target", default=None, help="target, e.g. ood:re/law (default: the first OOD target)")
     p.add_argument(
-        "--budget", type=positive_int, default=None, help="token budget per search (default 8M, quick 2M)"
+        "--budget",
+        type=positive_int,
+        default=None,
+        help="hard token cap: per search in parameter mode (default 8M, quick 2M); on every query in "
+        "output mode (default none; a budget too small fails before the first request, naming the need)",
     )
     p.add_argument("--out", default="evomerge-out", help="output folder (default ./evomerge-out)")
     p.add_argument("--preset", default="default", help="engine preset of the Evo-Merging row (default)")
@@ -58,22 +62,40 @@ class _RichReporter:
             console=console,
         )
         self.tasks: dict[str, Any] = {}
+        self._current: Any = None
         self.progress.start()
 
     def phase(self, text: str) -> None:
+        # A live line with the time spent so far, until the next phase: no step sits silent.
         self.progress.console.print(text)
+        if self._current is not None:
+            self.progress.remove_task(self._current)
+        self._current = self.progress.add_task("working", total=None, spend="")
 
     def search(self, row: str, progress: Any, spent_tokens: int, budget_tokens: int) -> None:
         task = self.tasks.get(row)
         if task is None:
-            task = self.tasks[row] = self.progress.add_task(row, total=budget_tokens, spend="")
+            task = self.tasks[row] = self.progress.add_task(row, total=budget_tokens or None, spend="")
+        # No budget: a search on cached scores (output mode), which sends nothing.
+        spend = f"{spent_tokens:,} / {budget_tokens:,} tokens" if budget_tokens else "0 queries (cached)"
         self.progress.update(
             task,
-            completed=spent_tokens,
+            completed=spent_tokens if budget_tokens else progress.evaluations,
             description=(
                 f"{row}: {progress.stage}, gen {progress.generation}, best loss {progress.best_loss:.4f}"
             ),
-            spend=f"{spent_tokens:,} / {budget_tokens:,} tokens",
+            spend=spend,
+        )
+
+    def scoring(self, task: str, progress: Any) -> None:
+        bar = self.tasks.get(task)
+        if bar is None:
+            bar = self.tasks[task] = self.progress.add_task(task, total=progress.total, spend="")
+        self.progress.update(
+            bar,
+            completed=progress.done,
+            description=f"{task}: {progress.done:,} / {progress.total:,} prompts, {progress.cached:,} cached",
+            spend=f"{progress.tokens:,} tokens",
         )
 
     def close(self) -> None:
@@ -169,11 +191,25 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_output_demo(args: argparse.Namespace) -> int:
     """`evomerge demo --mode output`: run, then print what it found."""
-    from ..demo import OutputDemoConfig, PlainReporter, run_output_demo
+    from ..demo import OutputDemoConfig, PlainReporter, Reporter, run_output_demo
 
-    config = OutputDemoConfig(**_demo_settings(args), reference=args.reference)
+    config = OutputDemoConfig(
+        **_demo_settings(args),
+        reference=args.reference,
+        budget_tokens=args.budget,
+        search_evaluations=args.search_evaluations,
+    )
     console = _console()
-    _print_output_demo(console, run_output_demo(config, PlainReporter(sys.stdout)))
+    reporter: Reporter
+    if args.no_progress or not console.is_terminal:
+        reporter = PlainReporter(sys.stdout)
+    else:
+        reporter = _RichReporter(console)
+    try:
+        result = run_output_demo(config, reporter)
+    finally:
+        reporter.close()
+    _print_output_demo(console, result)
     return 0
 
 
@@ -202,4 +238,6 @@ def _print_output_demo(console: Any, result: Any) -> None:
         f"{len(result.spec.active)} of {len(result.pool)} adapters once pruned; its search sent "
         f"{result.spend[1].queries} queries."
     )
-    console.print(f"Wrote {result.result_path} (serve it: evomerge serve {result.result_path})")
+    console.print(
+        f"Wrote {result.result_path} and {result.plot_path} (serve it: evomerge serve {result.result_path})"
+    )

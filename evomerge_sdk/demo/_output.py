@@ -18,6 +18,7 @@ row is 0. `result.json` holds the rows, the spend and the merged model (`merged_
 
 from __future__ import annotations
 
+import functools
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +42,7 @@ from .._validators import (
 from ..engine._baselines import best_single, lorahub, uniform_merge
 from ..engine._config import PRESETS, SearchConfig
 from ..engine._objective import Candidate, EvaluationContext, Split
+from ..engine._planning import fit_to_queries
 from ..engine._search import EvoMerge, Progress, SearchResult
 from ..errors import ConfigError
 from ..local.repository import Repository, RepositoryConfig, Target, build_repository
@@ -54,10 +56,13 @@ from ..objectives.output import (
     OutputSpaceObjective,
     ScoreTable,
     ScoringConfig,
+    ScoringProgress,
     collect_scores,
+    plan_scoring,
 )
-from ..providers import Provider, load_provider
-from ..scheduler import MetricsSnapshot, Scheduler
+from ..providers import Provider, Usage, load_provider
+from ..report import write_convergence_png
+from ..scheduler import Budget, MetricsSnapshot, Scheduler
 from ._provider import Reporter, SilentReporter, describe_search, pick_target, quick_search_config
 from ._result import EVO, LORAHUB_ROW, DemoRow
 
@@ -86,7 +91,10 @@ class OutputDemoConfig:
     """What the output-mode demo runs. `reference` is "base" (the embedded base model) or "mean" (the
     pool mean). `test_examples` caps the test prompts (default all; 300 in quick mode); `quick` also
     cuts the search budgets. `response_cache` is an optional SQLite file, so a re-run queries nothing.
-    `small_repository` uses the tiny test repository (`RepositoryConfig.small`)."""
+    `small_repository` uses the tiny test repository (`RepositoryConfig.small`). `budget_tokens` is a
+    hard cap on every token the demo's queries spend (a scoring pass it cannot pay for fails before it
+    sends anything, saying how much it needs); `search_evaluations` sizes both searches (Evo-Merging's
+    preset fitted to it, LoRAHub-style's budget; default 800, quick 300)."""
 
     seed: int = attrs.field(default=0, validator=non_negative_int)
     pool_size: int = attrs.field(default=20, validator=positive_int)
@@ -101,6 +109,8 @@ class OutputDemoConfig:
     response_cache: Path | None = attrs.field(default=None, converter=optional_path)
     max_concurrency: int = attrs.field(default=16, validator=positive_int)
     small_repository: bool = False
+    budget_tokens: int | None = attrs.field(default=None, validator=optional_positive_int)
+    search_evaluations: int | None = attrs.field(default=None, validator=optional_positive_int)
 
     def __attrs_post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -121,9 +131,16 @@ class OutputDemoConfig:
             return self.test_examples
         return _QUICK_TEST if self.quick else None
 
-    def search_config(self) -> SearchConfig:
+    @property
+    def lorahub_evaluations(self) -> int:
+        """The LoRAHub-style search's evaluations."""
+        if self.search_evaluations is not None:
+            return self.search_evaluations
+        return 300 if self.quick else 800
+
+    def search_config(self, n: int | None = None) -> SearchConfig:
         """The Evo-Merging search: the preset with this seed, every evaluation on the whole split
-        (smaller budgets in quick mode).
+        (smaller budgets in quick mode; fitted to `search_evaluations` on `n` models when set).
 
         Minibatches save queries; here the search runs on cached scores and costs none, so they would
         only add noise to the ranking.
@@ -134,6 +151,10 @@ class OutputDemoConfig:
             denoise=None if config.denoise is None else attrs.evolve(config.denoise, batch_size=None),
             scale=None if config.scale is None else attrs.evolve(config.scale, batch_size=None),
         )
+        if self.search_evaluations is not None and n is not None:
+            # One "query" per evaluation: with whole-split stages and no held-out split counted, the
+            # planner counts evaluations.
+            return fit_to_queries(config, n, 1, self.search_evaluations)
         return quick_search_config(config) if self.quick else config
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,6 +170,8 @@ class OutputDemoConfig:
             "reference": self.reference,
             "test_examples": self.test_limit,
             "small_repository": self.small_repository,
+            "budget_tokens": self.budget_tokens,
+            "search_evaluations": self.lorahub_evaluations,
         }
 
 
@@ -179,6 +202,7 @@ class OutputDemoResult:
     spec: MergedSpec
     document: Mapping[str, Any]
     result_path: Path
+    plot_path: Path
 
     def row(self, name: str) -> DemoRow:
         """A row by name."""
@@ -219,6 +243,16 @@ async def _best_single_by_accuracy(objective: OutputSpaceObjective, validation: 
     return attrs.evolve(by_loss, candidate=candidate, loss=loss, fitness=loss)
 
 
+def _scoring(rep: Reporter, split: str) -> Callable[[ScoringProgress], None]:
+    """A scoring pass's progress, to the reporter."""
+    task = f"scoring {split.replace('_', '-')}"
+
+    def on_progress(progress: ScoringProgress) -> None:
+        rep.scoring(task, progress)
+
+    return on_progress
+
+
 def _delta(before: MetricsSnapshot, after: MetricsSnapshot, phase: str) -> SpendRow:
     tokens = (after.tokens_in + after.tokens_out) - (before.tokens_in + before.tokens_out)
     return SpendRow(phase, after.succeeded - before.succeeded, after.cache_hits - before.cache_hits, tokens)
@@ -230,7 +264,6 @@ async def run_output_demo_async(
     """Run the output-mode demo (see the module doc) and write `result.json`."""
     rep = reporter if reporter is not None else SilentReporter()
     started = time.perf_counter()
-    search_config = config.search_config()
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
     rep.phase("Loading the embedded repository (built once, then cached on disk)...")
@@ -239,6 +272,7 @@ async def run_output_demo_async(
     )
     target = pick_target(repository, config.target)
     pool = repository.pool(target, config.pool_size, config.seed)
+    search_config = config.search_config(len(pool))
     reference = "base" if config.reference == "base" else "mean"
     models = [*pool, "base"]
     splits = {
@@ -251,7 +285,12 @@ async def run_output_demo_async(
     spend: list[SpendRow] = []
     async with (
         LocalService(repository, pool_sizes=(config.pool_size,), pool_seed=config.seed) as service,
-        Scheduler(max_concurrency=config.max_concurrency, cache=cache, timeout=120.0) as scheduler,
+        Scheduler(
+            max_concurrency=config.max_concurrency,
+            cache=cache,
+            timeout=120.0,
+            budget=None if config.budget_tokens is None else Budget(tokens=config.budget_tokens),
+        ) as scheduler,
     ):
         provider: Provider = load_provider("openai", base_url=f"{service.url}/v1")
         try:
@@ -259,6 +298,14 @@ async def run_output_demo_async(
                 f"Embedded service on {service.url}/v1 (OpenAI-compatible): target {target.name} "
                 f"({target.kind}), {len(pool)} adapters + base, reference: {config.reference}"
             )
+            # Money before queries: the demo's every request is planned, shown and checked first.
+            plans = [await plan_scoring(scheduler, provider, models, splits[s], scoring) for s in splits]
+            planned = {m: sum((p.get(m, Usage()) for p in plans), Usage()) for m in models}
+            requests = len(models) * sum(len(e) for e in splits.values())
+            worst = sum(u.input_tokens + u.output_tokens for u in planned.values())
+            cap = "" if config.budget_tokens is None else f", budget {config.budget_tokens:,} tokens"
+            rep.phase(f"Planned: {requests:,} requests, at most {worst:,} tokens (cache hits are free){cap}")
+            scheduler.check_affordable(planned, f"the demo's {requests:,} scoring requests")
             rep.phase(
                 f"Scoring pass: {len(models)} models x {len(splits['validation']) + len(splits['held_out'])} "
                 "validation and held-out prompts, one request each (logprobs, top 20)"
@@ -266,7 +313,9 @@ async def run_output_demo_async(
             before = scheduler.metrics()
             tables: dict[str, ScoreTable] = {}
             for split in ("validation", "held_out"):
-                tables[split] = await collect_scores(scheduler, provider, models, splits[split], scoring)
+                tables[split] = await collect_scores(
+                    scheduler, provider, models, splits[split], scoring, on_progress=_scoring(rep, split)
+                )
             spend.append(_delta(before, scheduler.metrics(), "scoring pass (validation + held-out)"))
             scores = {s: t.select(pool, reference) for s, t in tables.items()}
             objective = OutputSpaceObjective(scores["validation"], scores["held_out"])
@@ -292,11 +341,10 @@ async def run_output_demo_async(
             before = scheduler.metrics()
             single = await _best_single_by_accuracy(objective, scores["validation"])
             uniform = await uniform_merge(objective, n)
-            lorahub_budget = 300 if config.quick else 800
             hub = await lorahub(
                 objective,
                 n,
-                max_evaluations=lorahub_budget,
+                max_evaluations=config.lorahub_evaluations,
                 seed=config.seed,
                 on_progress=report(LORAHUB_ROW),
             )
@@ -305,7 +353,9 @@ async def run_output_demo_async(
             )
             rep.phase(f"Test: {len(models)} models x {len(splits['test'])} test prompts, one request each")
             before = scheduler.metrics()
-            test = await collect_scores(scheduler, provider, models, splits["test"], scoring)
+            test = await collect_scores(
+                scheduler, provider, models, splits["test"], scoring, on_progress=_scoring(rep, "test")
+            )
             spend.append(_delta(before, scheduler.metrics(), "test scoring (evaluation only)"))
         finally:
             await provider.aclose()
@@ -372,6 +422,12 @@ async def run_output_demo_async(
     document["timing"] = {"total_seconds": round(time.perf_counter() - started, 3)}
     result_path = out / "result.json"
     await anyio.to_thread.run_sync(write_json_atomic, result_path, document)
+    plot_path = out / "convergence.png"
+    # The best single adapter's loss is often far above the rest (confidently wrong out of domain): the
+    # table has it; the plot keeps the scale of the searches.
+    curves = {EVO: evo, LORAHUB_ROW: hub, UNIFORM: uniform}
+    title = f"output space: {target.name}, pool {len(pool)}, seed {config.seed}"
+    await anyio.to_thread.run_sync(functools.partial(write_convergence_png, curves, plot_path, title=title))
     rep.close()
     return OutputDemoResult(
         config=config,
@@ -383,6 +439,7 @@ async def run_output_demo_async(
         spec=spec,
         document=document,
         result_path=result_path,
+        plot_path=plot_path,
     )
 
 

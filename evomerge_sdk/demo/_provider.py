@@ -54,6 +54,7 @@ from ..local import whitebox
 from ..local.repository import Repository, RepositoryConfig, Target, build_repository
 from ..local.repository_backend import preset_id
 from ..local.server import LocalService
+from ..objectives.output import ScoringProgress
 from ..objectives.service import ServiceObjective
 from ..scheduler import Budget, MetricsSnapshot, Scheduler
 from ..service import MergeServiceClient
@@ -187,6 +188,9 @@ class Reporter(Protocol):
     def search(self, row: str, progress: Progress, spent_tokens: int, budget_tokens: int) -> None:
         """A search finished a generation."""
 
+    def scoring(self, task: str, progress: ScoringProgress) -> None:
+        """A scoring pass (output mode) scored another prompt."""
+
     def close(self) -> None:
         """The demo is over."""
 
@@ -198,6 +202,9 @@ class SilentReporter:
         """Ignore."""
 
     def search(self, row: str, progress: Progress, spent_tokens: int, budget_tokens: int) -> None:
+        """Ignore."""
+
+    def scoring(self, task: str, progress: ScoringProgress) -> None:
         """Ignore."""
 
     def close(self) -> None:
@@ -228,6 +235,14 @@ class PlainReporter:
         self._last = now
         self._print(f"  {describe_progress(row, progress, spent_tokens, budget_tokens)}")
 
+    def scoring(self, task: str, progress: ScoringProgress) -> None:
+        """Print the pass's state, throttled (and its last prompt)."""
+        now = time.monotonic()
+        if now - self._last < self.interval and progress.done < progress.total:
+            return
+        self._last = now
+        self._print(f"  {describe_scoring(task, progress)}")
+
     def close(self) -> None:
         """Nothing to release."""
 
@@ -239,12 +254,23 @@ def describe_search(config: SearchConfig) -> str:
 
 
 def describe_progress(row: str, progress: Progress, spent_tokens: int, budget_tokens: int) -> str:
-    """One line: row, stage, generation, best loss, spend against budget."""
-    share = 100.0 * spent_tokens / budget_tokens if budget_tokens else 0.0
-    return (
+    """One line: row, stage, generation, best loss, spend against budget (a search on cached scores,
+    which has no budget and spends nothing, says so)."""
+    head = (
         f"{row}: stage {progress.stage}, generation {progress.generation}, "
         f"{progress.evaluations} evaluations, best loss {progress.best_loss:.4f}, "
-        f"spent {spent_tokens:,} / {budget_tokens:,} tokens ({share:.1f}%)"
+    )
+    if not budget_tokens:
+        return head + f"spent {spent_tokens:,} tokens" + (" (cached scores)" if not spent_tokens else "")
+    share = 100.0 * spent_tokens / budget_tokens
+    return head + f"spent {spent_tokens:,} / {budget_tokens:,} tokens ({share:.1f}%)"
+
+
+def describe_scoring(task: str, progress: ScoringProgress) -> str:
+    """One line: a scoring pass's prompts scored, cache hits and tokens paid."""
+    return (
+        f"{task}: {progress.done:,} / {progress.total:,} prompts scored ({progress.cached:,} from cache), "
+        f"{progress.tokens:,} tokens"
     )
 
 
