@@ -310,13 +310,19 @@ async def run_demo_async(config: DemoConfig, reporter: Reporter | None = None) -
     if config.pool_size > len(repository.adapter_names) - 1:
         raise ConfigError(f"pool_size must be at most {len(repository.adapter_names) - 1}")
     rows: list[DemoRow] = []
+    # The client reserves each evaluation as examples x this bound: the longest example of this world.
+    per_example = 1 + max(
+        int(ex.lengths.max()) for t in repository.targets() for ex in (t.validation, t.holdout, t.test)
+    )
     async with LocalService(
         repository, pool_sizes=(config.pool_size,), pool_seed=config.seed, output_dir=out
     ) as service:
         pid = preset_id(target.name, config.pool_size)
         async with (
             Scheduler(cache=False) as measure_scheduler,
-            MergeServiceClient(service.url, scheduler=measure_scheduler) as measure,
+            MergeServiceClient(
+                service.url, scheduler=measure_scheduler, tokens_per_example=per_example
+            ) as measure,
         ):
             sessions = {
                 split: await measure.create_session(pid, query_plus={"dataset": f"{target.name}:{split}"})
@@ -363,7 +369,10 @@ async def run_demo_async(config: DemoConfig, reporter: Reporter | None = None) -
                 async with (
                     scheduler,
                     MergeServiceClient(
-                        service.url, scheduler=scheduler, cache_namespace=cache_name
+                        service.url,
+                        scheduler=scheduler,
+                        cache_namespace=cache_name,
+                        tokens_per_example=per_example,
                     ) as client,
                 ):
                     objective = ServiceObjective(client, sessions["validation"], sessions["held_out"])

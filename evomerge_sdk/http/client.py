@@ -162,11 +162,13 @@ class HTTPClient:
         *,
         rate_limits: Callable[[Mapping[str, str]], RateLimitInfo | None],
         final_429: Callable[[Mapping[str, Any]], bool],
+        timeout: float | None = None,
     ) -> tuple[Any, RateLimitInfo | None]:
         """POST `body` as JSON; the parsed answer and its rate limits, or the SDK error for the failure.
 
         `rate_limits` reads the API's rate-limit headers; `final_429` tells, from the error object, a 429
-        that waiting cannot fix (a spend limit, an exhausted quota) from a rate limit.
+        that waiting cannot fix (a spend limit, an exhausted quota) from a rate limit. `timeout`
+        replaces the client's for this request (math.inf: none), for the rare call that runs for hours.
         """
         if body.get("stream"):
             raise ConfigError("stream=True is not supported: a provider returns whole completions")
@@ -176,7 +178,9 @@ class HTTPClient:
             raise ConfigError(f"the request holds text that is not valid Unicode: {exc}") from exc
         except ValueError as exc:
             raise ConfigError(f"the request holds a non-finite number: {exc}") from exc
-        answer = await self._send("POST", url, {**headers, **_JSON_HEADERS}, params=params, data=data)
+        answer = await self._send(
+            "POST", url, {**headers, **_JSON_HEADERS}, params=params, data=data, timeout=timeout
+        )
         return self._answer(answer, rate_limits, final_429), rate_limits(answer.headers)
 
     async def request(
@@ -224,7 +228,9 @@ class HTTPClient:
         *,
         params: Mapping[str, str] | None = None,
         data: bytes | None = None,
+        timeout: float | None = None,
     ) -> HTTPAnswer:
+        limit = self.timeout if timeout is None else timeout
         if self._closed:
             raise UsageError(f"the {self.provider} provider is closed")
         if self._session is None:
@@ -233,16 +239,18 @@ class HTTPClient:
         try:
             # Under a scheduler whose own per-attempt timeout is at least as tight, one timer is enough.
             enclosing = ATTEMPT_TIMEOUT.get()
-            timeout = self._client_timeout
-            if enclosing is not None and enclosing <= self.timeout:
-                timeout = _NO_TIMEOUT
+            spec = self._client_timeout
+            if timeout is not None:  # this request's own limit
+                spec = _NO_TIMEOUT if math.isinf(limit) else aiohttp.ClientTimeout(total=limit)
+            if enclosing is not None and enclosing <= limit:
+                spec = _NO_TIMEOUT
             async with self._session.request(
                 method,
                 url,
                 data=data,
                 headers=headers,
                 params=params or None,
-                timeout=timeout,
+                timeout=spec,
                 ssl=self._ssl,
                 allow_redirects=False,
             ) as resp:
@@ -255,7 +263,7 @@ class HTTPClient:
         except asyncio.TimeoutError as exc:
             # Checked first: aiohttp's timeout errors are also connection errors.
             raise self._transport_failure(
-                RequestTimeout, f"no complete answer within {self.timeout:g} s", exc
+                RequestTimeout, f"no complete answer within {limit:g} s", exc
             ) from exc
         except aiohttp.ClientError as exc:
             raise self._transport_failure(ConnectionFailed, f"{type(exc).__name__}: {exc}", exc) from exc

@@ -3,19 +3,25 @@
     async with LocalService() as service:          # 127.0.0.1, a free port; builds (or loads) the repository
         print(service.url)                         # http://127.0.0.1:43127
 
-Reference routes, unchanged (`"reference_only=True"` serves exactly these, as the authors' service does):
+Reference routes:
 
-    GET  /health                           {"status": "ok"}
+    GET  /health                           {"status": "ok", "extensions": [...], ...}
     GET  /v1/presets                       {"items": [{"preset_id", "adapter_count", "adapters", "datasets"}]}
     POST /v1/sessions                      {"preset_id", "model_name_or_path"?, "query_plus"?} -> session
+    GET  /v1/sessions/{id}                 the session's description
     POST /v1/sessions/{id}/evaluate        {"alpha": [N], "beta": [N], "tag"?} -> {"loss", ...}
     POST /v1/sessions/{id}/materialize     {"alpha", "beta", "tag"?} -> {"path", "adapter_name", ...}
+
+`reference_only=True` serves instead the authors' service exactly as it really answers (field names,
+500s, random batches and unsafe concurrency included: `local._reference`), so clients are tested against
+what they will meet.
 
 Extensions (listed by `GET /health` under "extensions"): `usage` on every billable answer; metrics
 (accuracy, macro-F1) beside the loss; inline validation data (`query_plus.examples`); minibatch scoring
 (`"examples": [indices]` on evaluate); `POST /v1/sessions/{id}/complete`; `DELETE /v1/sessions/{id}`;
 the OpenAI-compatible `POST /v1/chat/completions` and `GET /v1/models` over the base, every adapter and
-every materialized merge; `GET /stats` (what was served). Optional bearer-token auth guards `/v1/`.
+every materialized merge; `GET /stats` (what was served); `concurrent_evaluation`: evaluations of one
+session may run at once and get exactly their serial answers. Optional bearer-token auth guards `/v1/`.
 
 Errors are JSON `{"error": {"message", "type", "code"}}`: 400 unreadable JSON (and any malformed chat
 request, as OpenAI answers), 401 bad or missing token, 404 unknown session, preset, model or route, 413
@@ -61,6 +67,7 @@ from .._logs import get_logger
 from ..errors import ConfigError, StorageError, UsageError
 from ..http.server import AppServer, Handler, Refusal, check_api_key, is_loopback, until_terminated
 from ..http.wire import chat_logprobs, chat_usage, loads
+from ._reference import ReferenceFace
 from .backend import (
     Decoding,
     Generation,
@@ -156,7 +163,8 @@ class LocalService(AppServer):
     `max_materialized_files` merges and `max_materialized_bytes` in all: past either, materialize
     is refused (409, nothing written; files already written stay, since clients hold their paths). A
     disk that cannot take the file is a 507 naming the path. `reference_only`
-    serves only the reference routes and answer fields, to test clients against the authors' protocol.
+    answers exactly as the authors' service does (`local._reference`), to test clients against it;
+    `batch_seed` seeds its shuffled batches (None: fresh entropy, as the reference).
     A non-loopback `host` needs an `api_key`.
     """
 
@@ -184,6 +192,7 @@ class LocalService(AppServer):
         max_materialized_files: int = 32,
         max_materialized_bytes: int = 256 << 20,
         reference_only: bool = False,
+        batch_seed: int | None = None,
     ) -> None:
         if repository is not None and not isinstance(repository, Repository):
             raise ConfigError(f"repository must be a Repository, got {type(repository).__name__}")
@@ -205,6 +214,7 @@ class LocalService(AppServer):
         for size in pool_sizes:
             check_number("pool_sizes entries", size, integer=True)
         check_number("pool_seed", pool_seed, integer=True, strict=False)
+        check_number("batch_seed", batch_seed, integer=True, strict=False, allow_none=True)
         if limits is not None and not isinstance(limits, ServerLimits):
             raise ConfigError(f"limits must be a ServerLimits or None, got {limits!r:.60}")
         if faults is not None and not isinstance(faults, FaultConfig):
@@ -236,6 +246,8 @@ class LocalService(AppServer):
         self.max_body_bytes = max_body_bytes
         self.max_inline_examples = max_inline_examples
         self.reference_only = bool(reference_only)
+        self.batch_seed = batch_seed
+        self._reference: ReferenceFace | None = None
         self.extensions = () if reference_only else EXTENSIONS
         self._output_dir = Path(output_dir) if output_dir is not None else None
         self.max_materialized_files = max_materialized_files
@@ -265,7 +277,14 @@ class LocalService(AppServer):
     @property
     def open_sessions(self) -> int:
         """Sessions currently open."""
+        if self._reference is not None:
+            return len(self._reference.sessions)
         return len(self._sessions)
+
+    @property
+    def output_dir(self) -> Path | None:
+        """Where materialized merges go (with `reference_only`, the root of the sessions' folders)."""
+        return self._output_dir
 
     async def __aenter__(self) -> LocalService:
         if self._output_dir is not None and self._output_dir.is_dir():
@@ -283,7 +302,13 @@ class LocalService(AppServer):
         app = web.Application(
             client_max_size=self.max_body_bytes, middlewares=[self._front, self.injector.middleware]
         )
-        self._add_routes(app)
+        if self.reference_only:
+            if self._output_dir is None:
+                self._output_dir = Path(tempfile.mkdtemp(prefix="evomerge-reference-"))
+            self._reference = ReferenceFace(self._backend(), self._output_dir, self._work, self.batch_seed)
+            self._reference.add_routes(app)
+        else:
+            self._add_routes(app)
         await self._serve(app)
         _log.info("local_service_started", url=self.url, presets=len(self.backend.presets))
         return self
@@ -293,16 +318,18 @@ class LocalService(AppServer):
     ) -> None:
         await self._stop()
         self._sessions.clear()
+        if self._reference is not None:
+            self._reference.forget()
+            self._reference = None
 
     def _add_routes(self, app: web.Application) -> None:
         r = app.router
         r.add_get("/health", self._wrap(self._health))
         r.add_get("/v1/presets", self._wrap(self._presets))
         r.add_post("/v1/sessions", self._wrap(self._create_session))
+        r.add_get("/v1/sessions/{session_id}", self._wrap(self._get_session))
         r.add_post("/v1/sessions/{session_id}/evaluate", self._wrap(self._evaluate))
         r.add_post("/v1/sessions/{session_id}/materialize", self._wrap(self._materialize))
-        if self.reference_only:
-            return
         r.add_delete("/v1/sessions/{session_id}", self._wrap(self._delete_session))
         r.add_post("/v1/sessions/{session_id}/complete", self._wrap(self._complete))
         r.add_post("/v1/chat/completions", self._wrap(self._chat))
@@ -391,8 +418,6 @@ class LocalService(AppServer):
 
     # -- reference routes ------------------------------------------------------------------------
     async def _health(self, request: web.Request) -> web.Response:
-        if self.reference_only:
-            return _json({"status": "ok"})
         return _json(
             {
                 "status": "ok",
@@ -408,9 +433,8 @@ class LocalService(AppServer):
 
     async def _presets(self, request: web.Request) -> web.Response:
         backend = self._backend()
-        ext = not self.reference_only
         return _json(
-            {"items": [describe_preset(backend, p, extensions=ext) for p in backend.presets.values()]}
+            {"items": [describe_preset(backend, p, extensions=True) for p in backend.presets.values()]}
         )
 
     def _expire(self, now: float) -> None:
@@ -427,7 +451,7 @@ class LocalService(AppServer):
             body,
             sid,
             max_inline_examples=self.max_inline_examples,
-            extensions=not self.reference_only,
+            extensions=True,
         )
         now = time.monotonic()
         self._expire(now)
@@ -445,16 +469,16 @@ class LocalService(AppServer):
         _log.debug(
             "session_created", session_id=sid, preset_id=session.preset.preset_id, n=session.n_examples
         )
-        answer = session.describe(extensions=not self.reference_only)
-        if not self.reference_only:
-            answer["revision"] = self._backend().revision
-        return _json(answer)
+        return _json({**session.describe(extensions=True), "revision": self._backend().revision})
+
+    async def _get_session(self, request: web.Request) -> web.Response:
+        session = self._session(request)
+        return _json({**session.describe(extensions=True), "revision": self._backend().revision})
 
     async def _evaluate(self, request: web.Request) -> web.Response:
         session = self._session(request)
         body = await self._body(request)
-        allowed = _EVALUATE_FIELDS if not self.reference_only else _EVALUATE_FIELDS - {"examples"}
-        self._check_fields(body, allowed)
+        self._check_fields(body, _EVALUATE_FIELDS)
         alpha, beta = parse_vectors(body, len(session.preset.adapters))
         tag = tag_of(body)
         idx = parse_examples_indices(body.get("examples"), session.n_examples)
@@ -463,8 +487,6 @@ class LocalService(AppServer):
         ev = await self._work(self._backend().evaluate, session.preset, alpha, beta, examples)
         record_served(request, ev.input_tokens, 0)
         loss = ev.loss if math.isfinite(ev.loss) else None
-        if self.reference_only:
-            return _json({"loss": loss, "tag": tag})
         result = {"loss": loss, **ev.metrics, "n_examples": ev.n_examples, "usage": usage(ev.input_tokens, 0)}
         return _json({**result, "tag": tag, "session_id": session.session_id})
 
@@ -487,8 +509,6 @@ class LocalService(AppServer):
             raise Refusal(507, str(exc), "insufficient_storage") from None
         entry.materialized[str(result["path"])] = int(result.get("bytes") or 0)
         record_served(request, 0, 0)
-        if self.reference_only:
-            return _json({"path": result["path"], "adapter_name": result["adapter_name"], "tag": tag})
         return _json({**result, "tag": tag, "usage": usage(0, 0)})
 
     def _check_materialize_quota(self, entry: _Open) -> None:

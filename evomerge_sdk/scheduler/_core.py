@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from functools import partial
-from types import TracebackType
+from types import EllipsisType, TracebackType
 from typing import Any
 
 import anyio
@@ -74,7 +74,8 @@ _NOT_SERVED = (RateLimited, ServerError, AuthenticationError, InvalidRequest, Co
 @attrs.frozen
 class _Call:
     """What every attempt of one call shares: its worst case as the ledger reserves it (tokens, cost in
-    picodollars, the input/output split), its model's limiter, and what its logs say."""
+    picodollars, the input/output split), its model's limiter, its per-attempt timeout, and what its
+    logs say."""
 
     tokens: int
     pico: int
@@ -85,6 +86,7 @@ class _Call:
     key: str | None
     debug: dict[str, Any] | None
     started: float
+    timeout: float | None
 
 
 @attrs.define
@@ -364,6 +366,7 @@ class Scheduler:
         reserve: Usage,
         cache_key: str | None = None,
         label: str = "call",
+        attempt_timeout: float | EllipsisType | None = ...,
     ) -> CallResult:
         """Run one billable call `fn` under the budget, limits, retries, cache and metrics.
 
@@ -372,16 +375,19 @@ class Scheduler:
         case (input tokens, maximum output tokens), which must bound the usage it reports for the
         budget to be hard. `value` must be JSON-serialisable when a cache file is used. With
         `cache_key` (see `evomerge_sdk.scheduler.cache_key`) the result is cached and identical calls
-        in flight share one request.
+        in flight share one request. `attempt_timeout` replaces the scheduler's per-attempt timeout for
+        this call (None: none, for a caller that bounds its own requests).
         """
         if not callable(fn):
             raise ConfigError(f"fn must be an async function returning an Outcome, got {fn!r:.80}")
+        if attempt_timeout is not ...:
+            check_number("attempt_timeout", attempt_timeout, allow_none=True, unit="seconds")
         price = self.price(model)
         tokens = (reserve.input_tokens, reserve.output_tokens) if isinstance(reserve, Usage) else (-1,)
         if not all(is_int(t) and t >= 0 for t in tokens):
             raise ConfigError(f"reserve must be a Usage with non-negative token counts, got {reserve!r}")
         bound = (reserve, True, reserve.input_tokens)  # the caller's worst case bounds what it may report
-        return (await self._run(fn, _outcome, price, bound, cache_key, label, None))[0]
+        return (await self._run(fn, _outcome, price, bound, cache_key, label, None, attempt_timeout))[0]
 
     async def _lookup(self, key: str, check: Callable[[Any], bool] | None) -> CachedValue | None:
         cache = self._cache
@@ -401,6 +407,7 @@ class Scheduler:
         key: str | None,
         label: str,
         debug: dict[str, Any] | None,
+        attempt_timeout: float | EllipsisType | None = ...,
     ) -> tuple[CallResult, Any]:
         """The call's result, and what `fn` returned when this call sent it (None for a hit)."""
         if not self._open:
@@ -408,7 +415,7 @@ class Scheduler:
         m = self._metrics
         m.calls += 1
         if key is None:
-            return await self._execute(fn, convert, price, worst, label, debug, None)
+            return await self._execute(fn, convert, price, worst, label, debug, None, attempt_timeout)
         check = _is_completion_json if convert is _chat_outcome else None
         while True:
             hit = await self._lookup(key, check)
@@ -430,7 +437,7 @@ class Scheduler:
             # The call we waited for was cancelled: look again, and maybe send it ourselves.
         flight = self._inflight[key] = _Flight()
         try:
-            result, raw = await self._execute(fn, convert, price, worst, label, debug, key)
+            result, raw = await self._execute(fn, convert, price, worst, label, debug, key, attempt_timeout)
             if self._cache is not None:
                 self._cache.put(key, result.value, result.usage)
             flight.result = result
@@ -452,6 +459,7 @@ class Scheduler:
         label: str,
         debug: dict[str, Any] | None,
         key: str | None,
+        attempt_timeout: float | EllipsisType | None = ...,
     ) -> tuple[CallResult, Any]:
         """Reserve, attempt, settle; again after a retryable failure. The call's result and `fn`'s value."""
         started = time.perf_counter()
@@ -471,6 +479,7 @@ class Scheduler:
             key=key,
             debug=debug,
             started=started,
+            timeout=self._timeout if attempt_timeout is ... else attempt_timeout,
         )
         attempt = 0
         while True:
@@ -515,28 +524,28 @@ class Scheduler:
             await slots.acquire()
         try:
             if call.limiter.active:  # a start further away than the timeout fails now, as Timeout
-                await call.limiter.acquire(call.tokens, max_wait=self._timeout)
+                await call.limiter.acquire(call.tokens, max_wait=call.timeout)
             m.requests += 1
             m.in_flight += 1
             sent.at = time.perf_counter()
             try:
-                raw = await self._timed(fn)
+                raw = await self._timed(fn, call.timeout)
                 return raw, convert(raw)  # a malformed return is an error of a sent request
             finally:
                 m.in_flight -= 1
         finally:
             slots.release()
 
-    async def _timed(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+    async def _timed(self, fn: Callable[[], Awaitable[Any]], limit: float | None) -> Any:
         """`fn()` within the per-attempt timeout (the provider is told it through ATTEMPT_TIMEOUT)."""
-        if self._timeout is None:
+        if limit is None:
             return await fn()
-        token = ATTEMPT_TIMEOUT.set(self._timeout)
+        token = ATTEMPT_TIMEOUT.set(limit)
         try:
             if self._native_timeout is not None:
-                async with self._native_timeout(self._timeout):
+                async with self._native_timeout(limit):
                     return await fn()
-            with anyio.fail_after(self._timeout):
+            with anyio.fail_after(limit):
                 return await fn()
         finally:
             ATTEMPT_TIMEOUT.reset(token)
@@ -572,7 +581,7 @@ class Scheduler:
             raise exc  # cancellation and friends: the reservation is settled, nothing else to do
         err: Exception = exc
         if isinstance(exc, TimeoutError):
-            err = RequestTimeout(f"no answer within {self._timeout} s", status=None)
+            err = RequestTimeout(f"no answer within {call.timeout} s", status=None)
         delay = self._retry.delay(err, attempt, self._rng)
         info = getattr(err, "rate_limits", None)  # any provider error may carry the API's limits
         if isinstance(info, RateLimitInfo):
