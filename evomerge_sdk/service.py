@@ -25,10 +25,14 @@ service's extensions only when `GET /health` lists them (`usage`, `metrics`, `mi
 - Concurrency: evaluations of one session run one at a time per replica unless the server declares
   `concurrent_evaluation` (the reference shares one model and one artifact folder between them, so
   concurrent evaluations silently score the wrong adapters); `max_concurrent_evaluations` overrides it.
-- Failures: a 500 is retried once; a second 500 is final and carries the server's message (the
-  reference answers 500 for an unknown preset, an unloadable dataset, and a loss JSON cannot carry). On
-  evaluate, once the session has scored a finite loss, that second 500 is a NaN loss: the search ranks the
-  candidate worst and counts it, as it does any non-finite loss.
+- Failures: from a server that declares no extensions (the reference), a 500 is retried once and a second
+  500 is final, carrying the server's message (the reference answers 500 for an unknown preset, an
+  unloadable dataset, and a loss JSON cannot carry); on evaluate, once the session has scored a finite
+  loss, that second 500 is a NaN loss: the search ranks the candidate worst and counts it, as it does any
+  non-finite loss. A server with extensions answers 500 only for its own trouble: retried as usual.
+- query_plus: sent as given to a server with extensions; for the reference, completed from
+  `REFERENCE_QUERY_PLUS_DEFAULTS` (it would reset every omitted field to them), `dataset` required and
+  fields it does not know (it would ignore them) refused.
 - Replicas: given several base URLs, the client opens each session on every replica, sends each
   evaluation to the replica with the fewest in flight, and moves an evaluation whose replica stopped
   answering (connection refused or dropped, timeout) to another one: the scheduler's retry, so its
@@ -611,6 +615,12 @@ class MergeServiceClient:
             raise ConfigError(
                 "query_plus needs 'dataset' for this service (a reference-only server requires it); "
                 "omit query_plus altogether to use the preset's own"
+            )
+        unknown = sorted(set(query) - set(REFERENCE_QUERY_PLUS_DEFAULTS) - {"dataset"})
+        if unknown:
+            raise ConfigError(
+                f"query_plus has fields this service does not know and would ignore: {unknown}; it takes "
+                f"dataset and {sorted(REFERENCE_QUERY_PLUS_DEFAULTS)}"
             )
         filled = sorted(k for k in REFERENCE_QUERY_PLUS_DEFAULTS if k not in query)
         if filled:

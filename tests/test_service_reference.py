@@ -229,6 +229,8 @@ async def test_a_partial_query_plus_is_completed_before_it_is_sent(reference: Lo
         before = reference.open_sessions
         with pytest.raises(ConfigError, match="'dataset'"):
             await c.create_session(PRESET, query_plus={"batch_size": 5})
+        with pytest.raises(ConfigError, match=r"would ignore: \['examples'\]"):
+            await c.create_session(PRESET, query_plus={**WHOLE, "examples": [{"prompt": "a", "label": "b"}]})
         assert reference.open_sessions == before  # nothing was sent
         capped = await c.create_session(PRESET, query_plus={**WHOLE, "cutoff_len": 8})
         assert capped.tokens_per_example == 8  # the service truncates every example to cutoff_len
