@@ -72,7 +72,9 @@ async def run_search(
     scheduler = Scheduler(max_concurrency=max_concurrency, retry=retry, cache=cache, budget=budget)
     async with (
         scheduler,
-        MergeServiceClient(url, api_key=api_key, scheduler=scheduler, timeout=request_timeout) as client,
+        MergeServiceClient(
+            url, api_key=api_key, scheduler=scheduler, timeout=request_timeout, tokens_per_example=12
+        ) as client,  # the embedded world's examples are 12 tokens: the bound each evaluation reserves
     ):
         session = await client.create_session(PRESET)
         objective = ServiceObjective(client, session)

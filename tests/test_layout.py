@@ -44,7 +44,7 @@ ALLOWED: dict[str, set[str]] = {
     "engine": set(),
     "service": {"engine", "http", "providers", "scheduler"},
     "objectives": {"engine", "providers", "scheduler", "service"},
-    "local": {"engine", "http", "objectives"},
+    "local": {"engine", "http", "objectives", "service"},  # service: the reference protocol's defaults
     "merged": {"engine", "http", "local", "objectives", "providers", "scheduler", "service"},
     "report": {"engine"},  # any search result as a PNG and a table
     "testing": PRODUCT,

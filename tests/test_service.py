@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -113,39 +112,11 @@ async def test_minibatch_fitness_scores_one_subset_per_generation(repo: Reposito
 
 
 @pytest.mark.anyio
-async def test_reference_only_service(repo: Repository, caplog: pytest.LogCaptureFixture) -> None:
-    async with (
-        LocalService(repo, pool_sizes=(5,), reference_only=True) as svc,
-        Scheduler(budget=Budget(tokens=10_000)) as scheduler,
-        MergeServiceClient(svc.url, scheduler=scheduler, tokens_per_evaluation=1_000) as client,
-    ):
-        assert await client.extensions() == ()
-        session = await client.create_session(PRESET)
-        assert not session.minibatch and session.n_examples is None and session.tokens_per_evaluation == 1_000
-        objective = ServiceObjective(client, session)
-        context = EvaluationContext(Split.VALIDATION, "t", 0, 0, batch_size=10)
-        losses = await objective(candidates(5, 3, 4), context)  # falls back to full evaluations
-        full = await objective(candidates(5, 3, 4), attrs.evolve(context, batch_size=None))
-        assert losses == full and all(math.isfinite(v) for v in losses)
-        assert objective.examples_scored == 0  # a reference service does not say how many it scored
-        assert scheduler.spent().tokens == 3_000  # the estimate is charged: no usage reported
-        ev = await client.evaluate(session, np.ones(5), np.full(5, 0.2))
-        assert ev.accuracy is None and ev.usage.input_tokens == 1_000
-        with pytest.raises(ConfigError, match="minibatch"):
-            await client.evaluate(session, np.ones(5), np.zeros(5), examples=[0, 1])
-        with pytest.raises(ConfigError, match="complete"):
-            await client.complete(session, np.ones(5), np.zeros(5), "ner: a ?")
-        assert not await client.delete_session(session)
-        materialized = await client.materialize(session, np.ones(5), np.full(5, 0.2))
-        assert await anyio.Path(materialized.path).exists()
-
-
-@pytest.mark.anyio
 async def test_budget_stops_the_search_cleanly(repo: Repository) -> None:
     async with (
         LocalService(repo, pool_sizes=(5,)) as svc,
         Scheduler(budget=Budget(tokens=30 * 720)) as scheduler,
-        MergeServiceClient(svc.url, scheduler=scheduler) as client,
+        MergeServiceClient(svc.url, scheduler=scheduler, tokens_per_example=12) as client,
     ):
         session = await client.create_session(PRESET)
         assert session.tokens_per_evaluation == 720
@@ -189,7 +160,7 @@ async def test_errors_are_typed_and_the_key_stays_secret(repo: Repository) -> No
             with pytest.raises(InvalidRequest, match="unknown preset_id") as unknown:
                 await client.create_session("nope")
             assert unknown.value.status == 404
-            gone = attrs.evolve(session, session_id="sess_gone")
+            gone = attrs.evolve(session, session_id="sess_gone", replica_ids=("sess_gone",))
             with pytest.raises(InvalidRequest, match="unknown session") as missing:
                 await client.evaluate(gone, np.ones(5), np.zeros(5))
             assert missing.value.status == 404
@@ -225,7 +196,6 @@ async def test_complete_and_materialize(repo: Repository, tmp_path: Path) -> Non
 
 
 def test_objective_needs_a_held_out_session_for_early_stopping(repo: Repository) -> None:
-    import anyio
 
     async def run() -> None:
         async with LocalService(repo, pool_sizes=(5,)) as svc, MergeServiceClient(svc.url) as client:

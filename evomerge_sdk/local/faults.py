@@ -235,8 +235,9 @@ class FaultInjector:
     """Fault injection + rate-limit enforcement + served-token accounting, as one aiohttp middleware.
 
     `token_cost(request)` gives the tokens a request counts against TPM (a chat route: prompt tokens +
-    max_tokens, as OpenAI counts); it is required when `limits.tpm` is set. Only requests whose path
-    starts with one of `paths` are limited and faulted (health and stats routes stay reachable).
+    max_tokens, as OpenAI counts); it is required when `limits.tpm` is set. Only POST requests (the work)
+    whose path starts with one of `paths` are limited and faulted: health, stats, session lookups and
+    deletions stay reachable, as a client's clean-up is never retried.
     """
 
     def __init__(
@@ -319,7 +320,7 @@ class FaultInjector:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         """The aiohttp middleware (see the class doc)."""
-        if not request.path.startswith(self.paths):
+        if request.method != "POST" or not request.path.startswith(self.paths):
             return await handler(request)
         stats = self.stats
         stats.requests += 1

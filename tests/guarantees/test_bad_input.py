@@ -239,8 +239,8 @@ CONFIGS: dict[str, tuple[Callable[[], object], str]] = {
     "service url": (lambda: MergeServiceClient("localhost:8080"), "base_url"),
     "service timeout": (lambda: MergeServiceClient("http://127.0.0.1:1", timeout=0), "timeout"),
     "service tokens": (
-        lambda: MergeServiceClient("http://127.0.0.1:1", tokens_per_evaluation=0),
-        "tokens_per_evaluation",
+        lambda: MergeServiceClient("http://127.0.0.1:1", tokens_per_example=0),
+        "tokens_per_example",
     ),
     "service body cap": (lambda: LocalService(max_body_bytes=0), "max_body_bytes"),
     "service sessions": (lambda: LocalService(max_sessions=-3), "max_sessions"),
@@ -271,9 +271,9 @@ CONFIGS: dict[str, tuple[Callable[[], object], str]] = {
     ),
     "session tokens": (
         lambda: anyio.run(
-            lambda: MergeServiceClient("http://127.0.0.1:1").create_session("p", tokens_per_evaluation=-1)
+            lambda: MergeServiceClient("http://127.0.0.1:1").create_session("p", tokens_per_example=-1)
         ),
-        "tokens_per_evaluation",
+        "tokens_per_example",
     ),
     "demo result missing": (lambda: load_result("/nonexistent/result.json"), "cannot read"),
     "merged spec with text for a number": (
@@ -553,7 +553,7 @@ async def test_malformed_merge_service_answers_are_bad_responses_naming_the_fiel
     async with (
         canned_server(answers) as url,
         Scheduler(retry=ONCE) as scheduler,
-        MergeServiceClient(url, scheduler=scheduler) as client,
+        MergeServiceClient(url, scheduler=scheduler, tokens_per_example=12) as client,
     ):
         with pytest.raises(BadResponse, match=needle) as refused:
             session = await client.create_session(PRESET)

@@ -109,7 +109,7 @@ async def test_a_budget_too_small_for_one_evaluation_fails_at_once(repo: Reposit
     async with (
         LocalService(repo, pool_sizes=(5,)) as service,
         Scheduler(budget=Budget(tokens=TOKENS_PER_EVALUATION - 1)) as scheduler,
-        MergeServiceClient(service.url, scheduler=scheduler) as client,
+        MergeServiceClient(service.url, scheduler=scheduler, tokens_per_example=12) as client,
     ):
         session = await client.create_session(preset_id("ood:ner/news", 5))
         with (

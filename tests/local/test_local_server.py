@@ -421,32 +421,6 @@ async def test_rpm_limit_answers_429_with_retry_after(repo: Repository, http: ai
 
 
 @pytest.mark.anyio
-async def test_reference_only_mode_serves_exactly_the_reference_protocol(
-    repo: Repository, http: aiohttp.ClientSession
-) -> None:
-    async with LocalService(repo, pool_sizes=(5,), reference_only=True) as svc:
-        assert (await call(http, "GET", f"{svc.url}/health"))[2] == {"status": "ok"}
-        _, _, presets = await call(http, "GET", f"{svc.url}/v1/presets")
-        assert set(presets["items"][0]) == {
-            "preset_id",
-            "adapter_count",
-            "adapters",
-            "model_name_or_path",
-            "datasets",
-        }
-        status, _, session = await call(http, "POST", f"{svc.url}/v1/sessions", {"preset_id": PRESET})
-        assert status == 200 and set(session) == {"session_id", "preset_id", "adapter_count", "query_plus"}
-        alpha, beta = vectors(5)
-        url = f"{svc.url}/v1/sessions/{session['session_id']}/evaluate"
-        status, _, answer = await call(http, "POST", url, {"alpha": alpha, "beta": beta})
-        assert status == 200 and set(answer) == {"loss", "tag"}
-        status, _, _ = await call(http, "POST", url, {"alpha": alpha, "beta": beta, "examples": [0]})
-        assert status == 422
-        for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/stats")):
-            assert (await call(http, method, f"{svc.url}{path}", {}))[0] in (404, 405)
-
-
-@pytest.mark.anyio
 async def test_concurrent_requests_get_the_same_answers_as_sequential_ones(
     service: LocalService, http: aiohttp.ClientSession
 ) -> None:
