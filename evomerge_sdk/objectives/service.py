@@ -25,7 +25,10 @@ _log = get_logger("evomerge_sdk.service")
 class ServiceObjective:
     """The engine's `Objective` over a merge service: each candidate's loss from one evaluation.
 
-    A generation is sent concurrently (the scheduler bounds concurrency); a failure is the SDK's own error.
+    A generation is handed to the client at once; the client runs as many at a time as each replica's
+    session allows (one, on a service that does not declare `"concurrent_evaluation": "safe"`) and the
+    scheduler bounds the rest; a failure is the SDK's own error. A candidate the service cannot score
+    gets a NaN loss, which the search ranks worst and counts.
     `context.split` picks the session: `validation`, or `held_out` for early stopping (ConfigError if
     the search asks for a held-out split and there is none). With `context.batch_size` set, each
     candidate is scored on the generation's minibatch, when the server has the minibatch extension;

@@ -1,8 +1,8 @@
 """Hostile merge services cannot slip past the budget (issue 16, the merge-service rows).
 
 A loopback merge service that offers the `usage` extension but answers `usage: {}`, `usage: null` or no
-usage at all, or declares a tiny `max_tokens_per_evaluation` / `max_tokens_per_example` / `n_examples`
-while it scores its whole data set: the client reserves each evaluation from what it asks (examples x its
+usage at all, or declares a tiny `max_tokens_per_evaluation` / `max_tokens_per_example` while it scores
+its whole data set: the client reserves each evaluation from what it asks (examples x its
 own per-example bound, never a number the server declares) and charges an answer without usable usage its
 whole reservation, so the tokens the server really served never pass the budget.
 """
