@@ -790,7 +790,7 @@ class MergeServiceClient:
                 if reference and session.fingerprint in self._scored and err.status == 500 and strikes[0]:
                     # The reference answers 500 when the loss is NaN/inf: that candidate ranks worst.
                     _log.warning("evaluation_unscorable", session_id=session.session_id, error=str(err))
-                    return Outcome({"loss": None}, reserve, None)
+                    return Outcome({"loss": None}, None, None)
                 _strike(err, strikes, "evaluate", reference)
                 raise
             finally:
@@ -804,7 +804,7 @@ class MergeServiceClient:
             value = {k: v for k, v in data.items() if k not in ("session_id", "tag", "usage")}
             value["loss"] = loss
             # Without usable usage the whole reservation is charged: the budget stays hard.
-            return Outcome(value, _answer_usage(data) or reserve, limits)
+            return Outcome(value, _answer_usage(data), limits)
 
         result = await self._call(send, reserve, "evaluate", key)
         value = result.value
@@ -873,7 +873,7 @@ class MergeServiceClient:
             except ServerError as err:
                 _strike(err, strikes, "optimize", self._reference())
                 raise
-            return Outcome(data, _answer_usage(data) or reserve, limits)
+            return Outcome(data, _answer_usage(data), limits)
 
         result = await self._call(send, reserve, "optimize")
         data = result.value
@@ -962,7 +962,7 @@ class MergeServiceClient:
             value = {k: data.get(k) for k in ("text", "logprobs", "finish_reason")}
             if not isinstance(value["text"], str):
                 raise BadResponse("the completion answer has no text")
-            return Outcome(value, _answer_usage(data) or reserve, limits)
+            return Outcome(value, _answer_usage(data), limits)
 
         result = await self._call(send, reserve, "complete", key)
         logprobs = []
