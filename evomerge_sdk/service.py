@@ -15,16 +15,17 @@ through the scheduler too, for its retries and limits, at no token cost.
 
 The client speaks the authors' reference service as it really answers (DESIGN 3), and uses the embedded
 service's extensions only when `GET /health` lists them (`usage`, `metrics`, `minibatch`, `complete`,
-`delete_session`, `concurrent_evaluation`):
+`delete_session`), and its `"concurrent_evaluation": "safe"`:
 
 - Budget: an evaluation reserves what it asks for, never a number the server declares: the examples it
   scores (the minibatch's indices; else the session's `batch_size x evaluation_batches`, its inline
   examples, or its example count) times `tokens_per_example` (default 2,048, the reference's
   `cutoff_len`; capped by the `cutoff_len` the session sends). Without usable `usage` in the answer
   (absent, null, empty) the whole reservation is charged.
-- Concurrency: evaluations of one session run one at a time per replica unless the server declares
-  `concurrent_evaluation` (the reference shares one model and one artifact folder between them, so
-  concurrent evaluations silently score the wrong adapters); `max_concurrent_evaluations` overrides it.
+- Concurrency: evaluations of one session run one at a time per replica unless the server's `/health`
+  says `"concurrent_evaluation": "safe"` (the reference shares one model and one artifact folder between
+  them, so concurrent evaluations silently score the wrong adapters); `max_concurrent_evaluations`
+  overrides it.
 - Failures: from a server that declares no extensions (the reference), a 500 is retried once and a second
   500 is final, carrying the server's message (the reference answers 500 for an unknown preset, an
   unloadable dataset, and a loss JSON cannot carry); on evaluate, once the session has scored a finite
@@ -113,7 +114,6 @@ that request omits takes these values; the client completes a `query_plus` from 
 it to a reference-only server (and says which fields it filled)."""
 
 _NO_COST = Usage(0, 0)
-_CONCURRENT = "concurrent_evaluation"
 
 
 def _never_final(_error: Mapping[str, Any]) -> bool:
@@ -323,8 +323,8 @@ class MergeServiceClient:
     request (the client's calls use it in place of the scheduler's per-attempt timeout, so a scheduler
     sized for chat APIs does not cut an 8B evaluation short). `tokens_per_example` bounds what one
     example costs, for reservations (see the module doc). `max_concurrent_evaluations` is how many
-    evaluations of one session may run at once on one replica (None: unlimited where the server declares
-    `concurrent_evaluation`, else 1). `cache_namespace` separates the cache entries of services that
+    evaluations of one session may run at once on one replica (None: unlimited where `/health` says
+    `"concurrent_evaluation": "safe"`, else 1). `cache_namespace` separates the cache entries of services that
     reuse preset names for other data. The API key is sent as a bearer token and never appears in
     errors, logs or repr.
     """
@@ -373,6 +373,7 @@ class MergeServiceClient:
             secrets=[api_key or ""],
         )
         self._extensions: tuple[str, ...] | None = None
+        self._concurrent = False  # /health says "concurrent_evaluation": "safe"
         self._revision: str | None = None
         self._created: list[ServiceSession] = []
         self._scored: set[str] = set()  # fingerprints of sessions that have scored a finite loss
@@ -497,7 +498,7 @@ class MergeServiceClient:
     def _limit(self) -> int | None:
         if self.max_concurrent_evaluations is not None:
             return self.max_concurrent_evaluations
-        return None if _CONCURRENT in (self._extensions or ()) else 1
+        return None if self._concurrent else 1
 
     async def _acquire(self, session: ServiceSession) -> int:
         """A replica holding `session` with a free slot for it, the one with the fewest evaluations in
@@ -564,6 +565,7 @@ class MergeServiceClient:
                 raise BadResponse(f"merge-service health answer is not {{'status': 'ok'}}: {data!r:.120}")
             ext = data.get("extensions")
             self._extensions = tuple(str(e) for e in ext) if isinstance(ext, list) else ()
+            self._concurrent = data.get("concurrent_evaluation") == "safe"
             revision = data.get("revision")
             self._revision = revision if isinstance(revision, str) else None
             return data

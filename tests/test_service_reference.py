@@ -293,7 +293,7 @@ async def test_a_generation_without_a_concurrency_claim_gives_the_serial_losses(
 async def test_the_embedded_service_declares_its_extensions_and_concurrency(repo: Repository) -> None:
     async with LocalService(repo, pool_sizes=(5,)) as svc, client(svc) as c:
         health = await c.health()
-        assert "concurrent_evaluation" in health["extensions"] and "delete_session" in health["extensions"]
+        assert health["concurrent_evaluation"] == "safe" and "delete_session" in health["extensions"]
         session = await c.create_session(PRESET)
         cands = [Candidate(*vectors(s)) for s in range(12)]
         await ServiceObjective(c, session)(cands, EvaluationContext(Split.VALIDATION, "scale", 0, 0))

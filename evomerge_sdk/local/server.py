@@ -20,8 +20,9 @@ Extensions (listed by `GET /health` under "extensions"): `usage` on every billab
 (accuracy, macro-F1) beside the loss; inline validation data (`query_plus.examples`); minibatch scoring
 (`"examples": [indices]` on evaluate); `POST /v1/sessions/{id}/complete`; `DELETE /v1/sessions/{id}`;
 the OpenAI-compatible `POST /v1/chat/completions` and `GET /v1/models` over the base, every adapter and
-every materialized merge; `GET /stats` (what was served); `concurrent_evaluation`: evaluations of one
-session may run at once and get exactly their serial answers. Optional bearer-token auth guards `/v1/`.
+every materialized merge; `GET /stats` (what was served). `/health` also says
+`"concurrent_evaluation": "safe"`: evaluations of one session may run at once and get exactly their serial
+answers. Optional bearer-token auth guards `/v1/`.
 
 Errors are JSON `{"error": {"message", "type", "code"}}`: 400 unreadable JSON (and any malformed chat
 request, as OpenAI answers), 401 bad or missing token, 404 unknown session, preset, model or route, 413

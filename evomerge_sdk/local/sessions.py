@@ -52,10 +52,8 @@ EXTENSIONS = (
     "complete",
     "chat_completions",
     "delete_session",
-    "concurrent_evaluation",
 )
-"""What the embedded service offers beyond the reference routes (`GET /health` lists them);
-`concurrent_evaluation` says that evaluations of one session may run at once and get their serial answers."""
+"""What the embedded service offers beyond the reference routes (`GET /health` lists them)."""
 MAX_ABS_BETA = 1000.0
 """Larger scales overflow the float32 forward pass; the search box is [-1.5, 1.5]."""
 MAX_TOP_LOGPROBS = 20

@@ -47,7 +47,7 @@ async def merge_service(
     served = Served()
 
     async def health(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "extensions": ["usage", "concurrent_evaluation"]})
+        return web.json_response({"status": "ok", "extensions": ["usage"], "concurrent_evaluation": "safe"})
 
     async def sessions(request: web.Request) -> web.Response:
         answer = {"session_id": "s1", "preset_id": "p", "adapter_count": 3, "query_plus": {}}
