@@ -305,7 +305,7 @@ async def run_output_demo_async(
             worst = sum(u.input_tokens + u.output_tokens for u in planned.values())
             cap = "" if config.budget_tokens is None else f", budget {config.budget_tokens:,} tokens"
             rep.phase(f"Planned: {requests:,} requests, at most {worst:,} tokens (cache hits are free){cap}")
-            scheduler.check_affordable(planned, f"the demo's {requests:,} scoring requests")
+            scheduler.check_affordable(planned, f"the demo's scoring ({requests:,} requests)")
             rep.phase(
                 f"Scoring pass: {len(models)} models x {len(splits['validation']) + len(splits['held_out'])} "
                 "validation and held-out prompts, one request each (logprobs, top 20)"
