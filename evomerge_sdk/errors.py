@@ -6,6 +6,7 @@
     ├── BudgetExceeded             the hard budget cannot cover the next request (nothing was sent)
     ├── StorageError (OSError)     a file the SDK keeps could not be written (disk full, read-only,
     │                              a value SQLite cannot hold); names the file
+    ├── CoordinationLost           the shared coordinator (Redis) went away mid-run (nothing more is sent)
     └── ProviderError              a call to a model API failed (`status`, `rate_limits`)
         ├── AuthenticationError    401/403: never retried
         ├── InvalidRequest         400/404/422 or a spend limit: never retried
@@ -35,6 +36,7 @@ __all__ = [
     "BudgetExceeded",
     "ConfigError",
     "ConnectionFailed",
+    "CoordinationLost",
     "EvomergeError",
     "InvalidRequest",
     "ProviderError",
@@ -132,6 +134,16 @@ class BudgetExceeded(EvomergeError):
     def __init__(self, message: str, *, spent: Any = None) -> None:
         super().__init__(message)
         self.spent = spent
+
+
+class CoordinationLost(EvomergeError):
+    """The shared coordinator (Redis, see `RedisCoordination`) stopped answering, or lost its state.
+
+    Raised mid-run instead of sending a request that the shared budget and limits could not cover; a
+    search stops on it like on `BudgetExceeded`, with its resumable checkpoint. Not retried: once lost,
+    the coordination stays lost until a new scheduler is opened. (An unreachable coordinator at start
+    is a `ConfigError`.)
+    """
 
 
 _DEPRECATED = {"Timeout": ("RequestTimeout", RequestTimeout)}

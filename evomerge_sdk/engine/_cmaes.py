@@ -47,8 +47,9 @@ _STATE_VERSION = 1
 class StopReason(str, enum.Enum):
     """Why an optimiser or a search stopped.
 
-    CMA emits the first six; the two-stage search adds EARLY_STOPPING and BUDGET_EXCEEDED; baselines
-    that score a fixed list of candidates report COMPLETED, and random search MAX_EVALUATIONS.
+    CMA emits the first six; the two-stage search adds EARLY_STOPPING, BUDGET_EXCEEDED and
+    COORDINATION_LOST; baselines that score a fixed list of candidates report COMPLETED, and random
+    search MAX_EVALUATIONS.
     """
 
     MAX_EVALUATIONS = "max_evaluations"
@@ -59,6 +60,7 @@ class StopReason(str, enum.Enum):
     CONDITION = "condition"
     EARLY_STOPPING = "early_stopping"
     BUDGET_EXCEEDED = "budget_exceeded"
+    COORDINATION_LOST = "coordination_lost"
     COMPLETED = "completed"
 
 

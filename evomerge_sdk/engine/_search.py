@@ -9,8 +9,9 @@ exactly the result, of an uninterrupted run.
 
 Failure policy: a NaN or infinite loss from the objective ranks its candidate worst (it never becomes the
 best) and is counted in `nonfinite_evaluations`; `BudgetExceeded` from the objective ends the search
-cleanly with the best so far (`stop_reason == BUDGET_EXCEEDED`, checkpoint left resumable); any other
-exception propagates, and the checkpoint of the last complete generation lets the run resume.
+cleanly with the best so far (`stop_reason == BUDGET_EXCEEDED`, checkpoint left resumable), and so does
+`CoordinationLost` (`COORDINATION_LOST`: the shared budget's Redis went away); any other exception
+propagates, and the checkpoint of the last complete generation lets the run resume.
 
 Stage 2 starts from stage 1's best: that candidate (beta = 1/N) is already a stage-2 point, so it stays
 the incumbent, re-scored with the stage-2 penalty, until stage 2 finds better. The result is the best
@@ -41,7 +42,7 @@ import numpy as np
 from .._checks import is_int
 from .._io import write_json_atomic
 from .._types import FloatArray
-from ..errors import BudgetExceeded, ConfigError, EvomergeError
+from ..errors import BudgetExceeded, ConfigError, CoordinationLost, EvomergeError
 from ._cmaes import CMA, StopCriteria, StopReason
 from ._config import DEFAULT, EarlyStopping, SearchConfig, Stage, budget_too_small
 from ._objective import Candidate, EvaluationContext, Objective, Split
@@ -498,14 +499,20 @@ class EvoMerge:
                 if stage.config.batch_size is not None and state.stage_generation > 0:
                     await self._rescore_mean(state, stage)
                 self._end_stage(state, stage.name, reason)
-        except BudgetExceeded:
+        except (BudgetExceeded, CoordinationLost) as stop:
             if state.incumbent is None:
                 raise
+            # Both stop the same resumable way: the checkpoint holds the last whole generation.
+            why = (
+                StopReason.BUDGET_EXCEEDED
+                if isinstance(stop, BudgetExceeded)
+                else StopReason.COORDINATION_LOST
+            )
             partial = []
             if state.es is not None:
                 name = stages[state.stage_index].name
-                partial = [self._stage_result(state, name, StopReason.BUDGET_EXCEEDED)]
-            return self._result(state, StopReason.BUDGET_EXCEEDED, partial)
+                partial = [self._stage_result(state, name, why)]
+            return self._result(state, why, partial)
         result = self._result(state, state.stages[-1].stop_reason)
         await self._save(state, result)
         return result

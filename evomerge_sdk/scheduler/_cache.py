@@ -336,6 +336,9 @@ class ResponseCache:
         if self._max is not None and len(self._memory) > self._max:
             self._memory.popitem(last=False)
 
+    def abandon(self, key: str) -> None:
+        """The call for `key` ended without a result; in one process there is no claim to give up."""
+
     async def flush(self) -> None:
         """Wait until every result stored so far is committed to the SQLite file (a checkpoint)."""
         if self._writer is None:

@@ -52,6 +52,7 @@ from ..errors import (
 from ..providers import ATTEMPT_TIMEOUT, ChatRequest, Completion, Provider, RateLimitInfo, TokenLogprob, Usage
 from ._budget import Budget, BudgetLedger, ModelPrice, Price, PriceTable, Reservation, Spend, bind_prices
 from ._cache import CachedValue, ResponseCache, chat_cache_key
+from ._coordination import Coordination, Ledger, Limiter, ResultCache
 from ._limiter import RateLimiter
 from ._metrics import Metrics, MetricsSnapshot, redact
 from ._retry import RetryPolicy
@@ -146,6 +147,8 @@ class Scheduler:
       serve, required with a USD budget so each is priced up front; `prices` overrides `DEFAULT_PRICES`.
     - `retry`: a `RetryPolicy`; `timeout`: seconds per attempt (None: no timeout).
     - `cache`: True (memory), False (none), a file path (memory + SQLite) or a `ResponseCache`.
+    - `shared`: a `Coordination` such as `RedisCoordination(url, namespace=...)`: the limits, the budget
+      and (with `cache=True`) the cache are then shared by every worker on it (see `RedisCoordination`).
     - `tokens`: the `TokenCounter` (encodings per model, offline estimate).
     - `log_prompts`: put prompts in the per-request debug events (off: events carry sizes only).
     """
@@ -166,6 +169,7 @@ class Scheduler:
         tokens: TokenCounter | None = None,
         log_prompts: bool = False,
         logger: Any = None,
+        shared: Coordination | None = None,
     ) -> None:
         check_number("max_concurrency", max_concurrency, integer=True)
         check_number("timeout", timeout, allow_none=True, unit="seconds")
@@ -173,14 +177,21 @@ class Scheduler:
             raise ConfigError(f"budget must be a Budget(tokens=..., usd=...) or None, got {budget!r}")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise ConfigError(f"retry must be a RetryPolicy, got {retry!r}")
+        if shared is not None and not callable(getattr(shared, "ledger", None)):
+            raise ConfigError(
+                f"shared must be a Coordination such as RedisCoordination(...), got {shared!r:.80}"
+            )
+        self._shared = shared
         self._retry = retry or RetryPolicy()
         # No server pauses everyone longer than it could make one request wait (max_retry_after).
-        self._limiter = RateLimiter(rpm, tpm, max_pause=self._retry.max_retry_after)  # validates rpm/tpm
+        self._limiter: Limiter = RateLimiter(rpm, tpm, max_pause=self._retry.max_retry_after)  # validates rpm/tpm
         self._limits = (self._limiter.rpm, self._limiter.tpm)
+        if shared is not None:
+            self._limiter = shared.limiter("*", *self._limits)
         if not isinstance(limits_per_model, bool):
             raise ConfigError(f"limits_per_model must be True or False, got {limits_per_model!r}")
         self._per_model = limits_per_model
-        self._limiters: dict[str, RateLimiter] = {}
+        self._limiters: dict[str, Limiter] = {}
         self._table = prices if isinstance(prices, PriceTable) else PriceTable(prices)
         need_usd = budget is not None and budget.usd is not None
         if models is not None and (isinstance(models, str) or not isinstance(models, Iterable)):
@@ -193,13 +204,13 @@ class Scheduler:
             )
         self._declared = declared is not None
         self._prices: dict[str, ModelPrice] = bind_prices(declared or (), self._table, required=need_usd)
-        self._ledger = BudgetLedger(budget)
+        self._ledger: Ledger = BudgetLedger(budget) if shared is None else shared.ledger(budget)
         self._rng = self._retry.rng()
         self._timeout = timeout
         self._slots = Slots(max_concurrency)
         self.max_concurrency = max_concurrency
         if cache is True:
-            self._cache: ResponseCache | None = ResponseCache()
+            self._cache: ResultCache | None = ResponseCache() if shared is None else shared.cache()
         elif cache is False:
             self._cache = None
         elif isinstance(cache, ResponseCache):
@@ -224,6 +235,8 @@ class Scheduler:
     async def __aenter__(self) -> Scheduler:
         if self._open:
             raise UsageError("this Scheduler is already open")
+        if self._shared is not None:
+            await self._shared.open()
         if self._cache is not None:
             await self._cache.open()
         self._native_timeout = _native_timeout()
@@ -237,13 +250,15 @@ class Scheduler:
         self._open = False
         if self._cache is not None:
             await self._cache.aclose()
+        if self._shared is not None:
+            await self._shared.aclose()
         m = self._metrics
         self._log.info("scheduler_closed", requests=m.requests, cache_hits=m.cache_hits, failed=m.failed)
 
     # -- public state ------------------------------------------------------------------------------
 
     @property
-    def cache(self) -> ResponseCache | None:
+    def cache(self) -> ResultCache | None:
         """The response cache, or None when caching is off."""
         return self._cache
 
@@ -265,13 +280,18 @@ class Scheduler:
         """Counters and latency percentiles so far."""
         return self._metrics.snapshot()
 
-    def limiter(self, model: str | None = None) -> RateLimiter:
+    def limiter(self, model: str | None = None) -> Limiter:
         """The rate limiter that governs `model` (the shared one unless `limits_per_model`)."""
         if not self._per_model or model is None:
             return self._limiter
         lim = self._limiters.get(model)
         if lim is None:
-            lim = self._limiters[model] = RateLimiter(*self._limits, max_pause=self._retry.max_retry_after)
+            shared = self._shared
+            lim = self._limiters[model] = (
+                RateLimiter(*self._limits, max_pause=self._retry.max_retry_after)
+                if shared is None
+                else shared.limiter(model, *self._limits)
+            )
         return lim
 
     def set_rate_limits(self, *, rpm: float | None, tpm: float | None) -> None:
@@ -447,6 +467,8 @@ class Scheduler:
             raise
         finally:
             del self._inflight[key]
+            if self._cache is not None:
+                self._cache.abandon(key)  # after a failure, another worker may compute it
             if flight.done is not None:
                 flight.done.set()
 
