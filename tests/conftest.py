@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import structlog
+from redis_servers import namespace, private_redis, redis_url  # noqa: F401  (fixtures: real Redis)
 
 from evomerge_sdk.local.repository import Repository, RepositoryConfig, build_repository
 from evomerge_sdk.local.server import LocalService

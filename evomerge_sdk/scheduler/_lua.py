@@ -78,6 +78,10 @@ local function totals()
   return redis.call('HMGET', KEYS[2], 'st', 'sn', 'rt', 'rn', 'in', 'out', 'cached', 'unknown',
     'requests', 'expired', 'lt', 'ln')
 end
+local function incr(field, v)
+  -- "%d", not tostring: a negative zero would be "-0", which HINCRBY refuses
+  if v ~= 0 then redis.call('HINCRBY', KEYS[2], field, string.format('%d', v)) end
+end
 local function close(id, mode, i, o, c, n)
   local r = redis.call('HGET', KEYS[4], id)
   if not r then return false end
@@ -85,21 +89,21 @@ local function close(id, mode, i, o, c, n)
   redis.call('ZREM', KEYS[3], id)
   local sep = string.find(r, ':', 1, true)
   local t, rn = tonumber(string.sub(r, 1, sep - 1)), tonumber(string.sub(r, sep + 1))
-  redis.call('HINCRBY', KEYS[2], 'rt', -t)
-  redis.call('HINCRBY', KEYS[2], 'rn', -rn)
+  incr('rt', -t)
+  incr('rn', -rn)
   if mode == 'settle' then
-    redis.call('HINCRBY', KEYS[2], 'st', i + o)
-    redis.call('HINCRBY', KEYS[2], 'sn', n)
-    redis.call('HINCRBY', KEYS[2], 'in', i)
-    redis.call('HINCRBY', KEYS[2], 'out', o)
-    redis.call('HINCRBY', KEYS[2], 'cached', c)
-    redis.call('HINCRBY', KEYS[2], 'requests', 1)
+    incr('st', i + o)
+    incr('sn', n)
+    incr('in', i)
+    incr('out', o)
+    incr('cached', c)
+    incr('requests', 1)
   elseif mode == 'charge' or mode == 'expire' then
-    redis.call('HINCRBY', KEYS[2], 'st', t)
-    redis.call('HINCRBY', KEYS[2], 'sn', rn)
-    redis.call('HINCRBY', KEYS[2], 'unknown', t)
-    redis.call('HINCRBY', KEYS[2], 'requests', 1)
-    if mode == 'expire' then redis.call('HINCRBY', KEYS[2], 'expired', 1) end
+    incr('st', t)
+    incr('sn', rn)
+    incr('unknown', t)
+    incr('requests', 1)
+    if mode == 'expire' then incr('expired', 1) end
   end
   return true
 end
@@ -140,8 +144,8 @@ local st, sn, rt, rn = num(s[1]), num(s[2]), num(s[3]), num(s[4])
 local lt, ln = tonumber(s[5]) or -1, tonumber(s[6]) or -1
 if (lt >= 0 and st + t > lt) or (ln >= 0 and sn + n > ln) then return {2, totals()} end
 if (lt >= 0 and st + rt + t > lt) or (ln >= 0 and sn + rn + n > ln) then return {1, totals()} end
-redis.call('HINCRBY', KEYS[2], 'rt', t)
-redis.call('HINCRBY', KEYS[2], 'rn', n)
+incr('rt', t)
+incr('rn', n)
 redis.call('HSET', KEYS[4], ARGV[2], int(t) .. ':' .. int(n))
 redis.call('ZADD', KEYS[3], now + num(ARGV[5]), ARGV[2])
 return {0, totals()}
