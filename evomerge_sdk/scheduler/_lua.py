@@ -69,14 +69,17 @@ return {0}
 )
 
 # The budget. KEYS: epoch, state (hash), leases (zset id -> expiry us), reservations (hash id -> "t:n").
-# Totals returned by every budget script, in this order:
+# Every budget script returns {status, totals}, totals comma-separated in this order ('' when unset):
 TOTALS = ("st", "sn", "rt", "rn", "in", "out", "cached", "unknown", "requests", "expired", "lt", "ln")
 _BUDGET = (
     _PROLOGUE
     + """
 local function totals()
-  return redis.call('HMGET', KEYS[2], 'st', 'sn', 'rt', 'rn', 'in', 'out', 'cached', 'unknown',
+  -- one comma-separated string: a dozen array elements would cost the client more to parse
+  local v = redis.call('HMGET', KEYS[2], 'st', 'sn', 'rt', 'rn', 'in', 'out', 'cached', 'unknown',
     'requests', 'expired', 'lt', 'ln')
+  for i = 1, #v do if not v[i] then v[i] = '' end end
+  return table.concat(v, ',')
 end
 local function incr(field, v)
   -- "%d", not tostring: a negative zero would be "-0", which HINCRBY refuses

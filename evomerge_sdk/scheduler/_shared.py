@@ -69,6 +69,10 @@ _NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _PICO_PER_NANO = 1000
 _MAX_NANO = 2**53  # Lua numbers are doubles: integers are exact below this
 _BATCH = 512
+# Pipelines on the wire at once: a caller's script need not wait behind another's batch (scripts whose
+# order matters are made order-proof: a settle or release that overtakes its reservation finds nothing,
+# and a cancelled reservation is released only after its script has answered).
+_PUMPS = 4
 
 
 def mask_url(url: str) -> str:
@@ -86,7 +90,7 @@ def mask_url(url: str) -> str:
         return "<unparseable redis url>"
 
 
-@attrs.define(slots=True)
+@attrs.define(slots=True, eq=False)
 class _Op:
     name: str
     keys: Sequence[str]
@@ -110,9 +114,9 @@ class _Link:
         self._client: Any = None
         self._sha: dict[str, str] = {}
         self._queue: list[_Op] = []
-        self._sending: list[_Op] = []
+        self._sending: set[_Op] = set()
         self._wake: asyncio.Event | None = None
-        self._pump: asyncio.Task[None] | None = None
+        self._pumps: list[asyncio.Task[None]] = []
 
     async def connect(self) -> None:
         """Connect, load the scripts, and learn (or create) the namespace's epoch."""
@@ -150,7 +154,10 @@ class _Link:
         self.lost = None
         self._client = client
         self._wake = asyncio.Event()
-        self._pump = asyncio.get_running_loop().create_task(self._run_pump(), name="evomerge-redis-pump")
+        loop = asyncio.get_running_loop()
+        self._pumps = [
+            loop.create_task(self._run_pump(), name=f"evomerge-redis-pump-{i}") for i in range(_PUMPS)
+        ]
 
     async def disconnect(self) -> None:
         """Send what is queued (a few seconds at most), then close the connections."""
@@ -159,10 +166,10 @@ class _Link:
         if self.lost is None:
             with contextlib.suppress(asyncio.TimeoutError, CoordinationLost):
                 await asyncio.wait_for(self.drain(), timeout=max(1.0, 2 * self.timeout))
-        pump, self._pump = self._pump, None
-        if pump is not None:
+        pumps, self._pumps = self._pumps, []
+        for pump in pumps:
             pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
+        await asyncio.gather(*pumps, return_exceptions=True)
         self._fail_pending(self.lost or CoordinationLost(f"the coordination on {self.shown} was closed"))
         client, self._client = self._client, None
         await client.aclose()
@@ -220,7 +227,7 @@ class _Link:
                 await self._wake.wait()
                 continue
             batch, self._queue = self._queue[:_BATCH], self._queue[_BATCH:]
-            self._sending = batch
+            self._sending.update(batch)
             pipe = self._client.pipeline(transaction=False)
             for op in batch:
                 pipe.evalsha(self._sha[op.name], len(op.keys), *op.keys, *op.args)
@@ -230,7 +237,7 @@ class _Link:
                 self.lose(f"{type(exc).__name__}: {exc}")
                 return
             finally:
-                self._sending = []
+                self._sending.difference_update(batch)
             for op, reply in zip(batch, replies, strict=True):
                 if isinstance(reply, Exception):
                     if "NOSCRIPT" in str(reply):
@@ -260,7 +267,7 @@ class _Link:
 
     def _fail_pending(self, error: CoordinationLost) -> None:
         ops = [*self._sending, *self._queue]
-        self._sending, self._queue = [], []
+        self._sending, self._queue = set(), []
         for op in ops:
             if not op.fut.done():
                 op.fut.set_exception(error)
@@ -287,10 +294,6 @@ async def _scan_batches(client: Any, prefix: str) -> Any:
 
 def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
-
-
-def _int(value: Any) -> int:
-    return int(float(value)) if value not in (None, b"", "") else 0
 
 
 @attrs.define(slots=True)
@@ -353,7 +356,9 @@ class _SharedLedger:
         return self._limits[0] >= 0 or self._limits[1] >= 0
 
     def _adopt(self, reply: list[Any]) -> None:
-        self._totals = [_int(v) if v is not None else -1 if i >= 10 else 0 for i, v in enumerate(reply[1])]
+        # Unset limits (fields 10, 11) mean "no limit" (-1); unset counters are 0.
+        fields = reply[1].split(b",")
+        self._totals = [int(v) if v else -1 if i >= 10 else 0 for i, v in enumerate(fields)]
 
     def _wake(self) -> None:
         self._changed.set()
@@ -389,14 +394,13 @@ class _SharedLedger:
 
     async def _attempt(self, res: _Leased) -> int:
         self.open_ids.add(res.id)
+        fut = self._link.submit("reserve", self._keys, (res.id, res.tokens, res.nano, self._lease_us))
         try:
-            reply = await self._link.call(
-                "reserve", self._keys, (res.id, res.tokens, res.nano, self._lease_us)
-            )
+            reply = await asyncio.shield(fut)
         except BaseException:
-            # Cancelled (or lost) while the script may have run: give the room back, in queue order.
+            # Cancelled while the script may still run: once it has answered, give back what it took.
             self.open_ids.discard(res.id)
-            self._link.post("close", self._keys, (res.id, "release", 0, 0, 0, 0))
+            fut.add_done_callback(lambda f: self._release_orphan(f, res.id))
             raise
         self._adopt(reply)
         status = int(reply[0])
@@ -405,6 +409,10 @@ class _SharedLedger:
         if status == 2:
             raise self._exceeded(res)
         return status
+
+    def _release_orphan(self, fut: asyncio.Future[list[Any]], rid: str) -> None:
+        if not fut.cancelled() and fut.exception() is None and int(fut.result()[0]) == 0:
+            self._link.post("close", self._keys, (rid, "release", 0, 0, 0, 0), then=self._closed)
 
     def _exceeded(self, res: _Leased) -> BudgetExceeded:
         spent = self.spend()
