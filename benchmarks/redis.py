@@ -52,8 +52,8 @@ import redis as redis_sync  # noqa: E402
 import structlog  # noqa: E402
 
 from evomerge_sdk import ChatRequest  # noqa: E402
-from evomerge_sdk.local.echo_server import EchoProvider  # noqa: E402
 from evomerge_sdk.scheduler import Budget, RedisCoordination, Scheduler  # noqa: E402
+from evomerge_sdk.testing import EchoProvider  # noqa: E402
 
 MODEL = "gpt-4o-mini"
 MAX_TOKENS = 16
@@ -63,9 +63,9 @@ HIGH_RPM = 600_000.0  # configured but never binding: the limiter's script runs,
 
 @contextmanager
 def echo_server(*args: str) -> Iterator[str]:
-    """Start `python -m evomerge_sdk.local.echo_server` with `args`; yield its URL; stop it."""
+    """Start `python -m evomerge_sdk.testing.echo_server` with `args`; yield its URL; stop it."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "evomerge_sdk.local.echo_server", *args], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "evomerge_sdk.testing.echo_server", *args], stdout=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout is not None

@@ -18,16 +18,16 @@ from _resume_driver import POPSIZE, PRESET, SEARCH, run_search
 from evomerge_openai import OpenAIProvider
 from redis_servers import START_COMMAND, PrivateRedis, go, start_fleet, stop_fleet, wait_until
 
-from evomerge_sdk.engine import EvoMerge, StopReason
-from evomerge_sdk.engine.objective import Candidate, EvaluationContext
+from evomerge_sdk.engine import Candidate, EvaluationContext, EvoMerge, StopReason
 from evomerge_sdk.errors import CoordinationLost
-from evomerge_sdk.local.echo_server import EchoServer
 from evomerge_sdk.local.faults import FaultConfig, ServerLimits
 from evomerge_sdk.local.repository import Repository
 from evomerge_sdk.local.server import LocalService
+from evomerge_sdk.objectives import ServiceObjective
 from evomerge_sdk.providers import ChatRequest
 from evomerge_sdk.scheduler import Budget, RedisCoordination, Scheduler, Spend
-from evomerge_sdk.service import MergeServiceClient, ServiceObjective
+from evomerge_sdk.service import MergeServiceClient
+from evomerge_sdk.testing import EchoServer
 
 pytestmark = pytest.mark.anyio
 

@@ -16,9 +16,9 @@ from evomerge_openai import OpenAIProvider
 from redis_servers import PrivateRedis, free_port
 
 from evomerge_sdk.errors import BudgetExceeded, ConfigError, CoordinationLost, InvalidRequest, RateLimited
-from evomerge_sdk.local.echo_server import EchoServer
 from evomerge_sdk.providers import ChatRequest, RateLimitInfo, Usage
 from evomerge_sdk.scheduler import Budget, Outcome, RedisCoordination, RetryPolicy, Scheduler
+from evomerge_sdk.testing import EchoServer
 
 pytestmark = pytest.mark.anyio
 
