@@ -17,6 +17,7 @@ from .errors import (
     BudgetExceeded,
     ConfigError,
     ConnectionFailed,
+    CoordinationLost,
     EvomergeError,
     InvalidRequest,
     ProviderError,
@@ -67,7 +68,7 @@ _ENGINE = (
     "task_arithmetic",
     "uniform_merge",
 )
-_SCHEDULER = ("Budget", "Price", "PriceTable", "RetryPolicy", "Scheduler")
+_SCHEDULER = ("Budget", "Price", "PriceTable", "RedisCoordination", "RetryPolicy", "Scheduler")
 _SERVICE = ("MergeServiceClient", "ServiceSession")
 _MERGED = ("MergedModel", "MergedModelServer", "MergedSpec", "load_spec", "open_merged")
 _OBJECTIVES = (
@@ -131,7 +132,7 @@ if TYPE_CHECKING:
         plan_scoring,
     )
     from .report import markdown_table, write_convergence_png
-    from .scheduler import Budget, Price, PriceTable, RetryPolicy, Scheduler
+    from .scheduler import Budget, Price, PriceTable, RedisCoordination, RetryPolicy, Scheduler
     from .service import MergeServiceClient, ServiceSession
 
 
@@ -153,6 +154,7 @@ __all__ = [
     "Completion",
     "ConfigError",
     "ConnectionFailed",
+    "CoordinationLost",
     "EarlyStopping",
     "EvaluationContext",
     "EvoMerge",
@@ -174,6 +176,7 @@ __all__ = [
     "ProviderError",
     "RateLimitInfo",
     "RateLimited",
+    "RedisCoordination",
     "RequestTimeout",
     "RetryPolicy",
     "RetryableError",
