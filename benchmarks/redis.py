@@ -9,7 +9,8 @@ and the machine's Redis (127.0.0.1:6379, or `--redis`), all within one run:
   scheduler with the same settings: rpm, budget, cache), the same kind of request (distinct prompts, so
   every one is a cache miss that is claimed, reserved, rate-limited, settled and stored);
   added_ms_per_request_concurrent: the same comparison at `--concurrency` callers, wall time per request
-  (the script batching Redis does under load shows here);
+  (the script batching Redis does under load shows here), and added_cpu_ms_per_request: the CPU the
+  shared path adds per request there (client process plus Redis server), which load does not blur;
 - rpm_utilization_4_processes / server_429s: 4 worker processes x 200 callers share one RPM limit that
   the server also enforces with 429s (GCRA, 1 s of burst tolerance); utilisation is served requests over
   the configured rate across the span the server admitted them in;
@@ -157,27 +158,45 @@ async def sequential(url: str, redis_url: str, n: int) -> dict[str, Any]:
     }
 
 
+def redis_cpu(redis_url: str) -> float:
+    """CPU seconds the Redis server has used so far (user + system)."""
+    info = redis_sync.Redis.from_url(redis_url).info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 async def concurrent(url: str, redis_url: str, n: int, concurrency: int, repeats: int) -> dict[str, Any]:
-    """Wall time of n requests at `concurrency` through both schedulers, alternating; per-request added."""
+    """Wall time of n requests at `concurrency` through both schedulers, alternating; per-request added.
+
+    Also the CPU each request adds (this process's, plus the Redis server's), which a loaded machine
+    does not blur the way it blurs wall time: the Redis server's share includes other clients' work
+    during the run, so it is an upper bound.
+    """
     provider = EchoProvider(url, max_connections=concurrency)
     walls: dict[str, list[float]] = {"local": [], "shared": []}
+    cpus: dict[str, list[float]] = {"local": [], "shared": []}
     with namespace(redis_url) as ns:
         for r in range(-1, repeats):  # one warm-up round
             for name in ("local", "shared") if r % 2 else ("shared", "local"):
                 local, shared = schedulers(redis_url, ns, concurrency)
                 s = local if name == "local" else shared
                 async with s:
-                    t0 = time.perf_counter()
+                    c0, r0, t0 = time.process_time(), redis_cpu(redis_url), time.perf_counter()
                     async with anyio.create_task_group() as tg:
                         for i in range(n):
                             tg.start_soon(s.complete, provider, request(f"c{r}-{name}", i))
                     wall = time.perf_counter() - t0
+                    cpu = time.process_time() - c0 + redis_cpu(redis_url) - r0
                 if r >= 0:
                     walls[name].append(wall)
+                    cpus[name].append(cpu)
     await provider.aclose()
     pairs = list(zip(walls["local"], walls["shared"], strict=True))
     return {
         "added_ms_per_request_concurrent": statistics.median((b - a) / n for a, b in pairs) * 1e3,
+        "added_cpu_ms_per_request": statistics.median(
+            (b - a) / n for a, b in zip(cpus["local"], cpus["shared"], strict=True)
+        )
+        * 1e3,
         "local_rps": n / statistics.median(walls["local"]),
         "shared_rps": n / statistics.median(walls["shared"]),
         "local_seconds": [round(w, 4) for w in walls["local"]],
@@ -279,7 +298,7 @@ def main() -> None:
     rpm = 6000.0
     details: dict[str, Any] = {}
     with echo_server() as url:
-        details["sequential"] = anyio.run(sequential, url, args.redis, 300 if quick else 2000)
+        details["sequential"] = anyio.run(sequential, url, args.redis, 600 if quick else 2000)
         details["concurrent"] = anyio.run(
             concurrent, url, args.redis, 500 if quick else 2000, args.concurrency, 3 if quick else 7
         )
@@ -290,6 +309,7 @@ def main() -> None:
     result = {
         "added_ms_per_request": round(details["sequential"]["added_ms_per_request"], 4),
         "added_ms_per_request_concurrent": round(details["concurrent"]["added_ms_per_request_concurrent"], 4),
+        "added_cpu_ms_per_request": round(details["concurrent"]["added_cpu_ms_per_request"], 4),
         "rpm_utilization_4_processes": round(details["rpm"]["rpm_utilization"], 4),
         "server_429s": details["rpm"]["server_429s"],
         "budget_overshoot_tokens_4_processes": details["budget"]["budget_overshoot_tokens"],
