@@ -96,6 +96,7 @@ class _Op:
     keys: Sequence[str]
     args: Sequence[str | int | float | bytes]
     fut: asyncio.Future[list[Any]]
+    reloads: int = 0
 
 
 class _Link:
@@ -227,31 +228,68 @@ class _Link:
                 await self._wake.wait()
                 continue
             batch, self._queue = self._queue[:_BATCH], self._queue[_BATCH:]
+            # The batch stays in `_sending` until every reply is handed out, so a loss found at any
+            # point fails the rest of it too: no caller may wait for a reply that will never come.
             self._sending.update(batch)
-            pipe = self._client.pipeline(transaction=False)
-            for op in batch:
-                pipe.evalsha(self._sha[op.name], len(op.keys), *op.keys, *op.args)
+            resend: list[_Op] = []
             try:
-                replies = await pipe.execute(raise_on_error=False)
-            except Exception as exc:  # connection refused, reset, timed out: the coordinator is gone
-                self.lose(f"{type(exc).__name__}: {exc}")
-                return
+                outcome = self._send(batch, await self._execute(batch))
+                if outcome is None:
+                    return
+                resend = outcome
+                if resend and not await self._reload():
+                    return
             finally:
                 self._sending.difference_update(batch)
-            for op, reply in zip(batch, replies, strict=True):
-                if isinstance(reply, Exception):
-                    if "NOSCRIPT" in str(reply):
-                        self.lose("Redis forgot the scripts (it restarted or was flushed)")
-                    else:
-                        self.lose(f"script {op.name} failed: {reply}")
-                elif reply[0] == -1:
-                    self.lose(
-                        "the namespace's state is gone (Redis restarted without persistence or was flushed)"
-                    )
-                elif not op.fut.done():
-                    op.fut.set_result(reply)
-                if self.lost is not None:
-                    return
+                for op in batch:  # only when the pump itself was cancelled (the link is closing)
+                    if op not in resend and not op.fut.done():
+                        op.fut.set_exception(self.lost or CoordinationLost(f"{self.shown}: closed"))
+                        op.fut.exception()
+            self._queue[:0] = resend  # they never ran: send them again, first
+
+    async def _reload(self) -> bool:
+        """Load the scripts again (someone ran SCRIPT FLUSH; a restart is caught by the epoch)."""
+        try:
+            for name, source in _lua.SCRIPTS.items():
+                self._sha[name] = await self._client.script_load(source)
+        except Exception as exc:
+            self.lose(f"cannot load the scripts again: {type(exc).__name__}: {exc}")
+            return False
+        return True
+
+    async def _execute(self, batch: list[_Op]) -> list[Any] | None:
+        pipe = self._client.pipeline(transaction=False)
+        for op in batch:
+            pipe.evalsha(self._sha[op.name], len(op.keys), *op.keys, *op.args)
+        try:
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # connection refused, reset, timed out: the coordinator is gone
+            self.lose(f"{type(exc).__name__}: {exc}")
+            return None
+        return replies
+
+    def _send(self, batch: list[_Op], replies: list[Any] | None) -> list[_Op] | None:
+        """Hand each op its reply. Returns the ops to send again once the scripts are reloaded (Redis
+        said it does not know the script, so it did not run), or None (everything pending failed)
+        once the coordinator is lost."""
+        if replies is None:
+            return None
+        resend = []
+        for op, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, Exception) and "No matching script" in str(reply) and op.reloads == 0:
+                op.reloads += 1
+                resend.append(op)
+            elif isinstance(reply, Exception):
+                self.lose(f"script {op.name} failed: {reply}")
+            elif reply[0] == -1:
+                self.lose(
+                    "the namespace's state is gone (Redis restarted without persistence or was flushed)"
+                )
+            elif not op.fut.done():
+                op.fut.set_result(reply)
+            if self.lost is not None:
+                return None
+        return resend
 
     def lose(self, why: str) -> None:
         """Mark the coordinator lost: every queued and later script fails with CoordinationLost."""

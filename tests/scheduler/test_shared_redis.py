@@ -316,3 +316,33 @@ async def test_redis_going_away_mid_run_is_a_typed_error_and_nothing_more_is_sen
             private_redis.start()
             await s.call(call, model="m", reserve=Usage(1, 0))
     assert len(sent) == 1 and coordination.lost is not None
+
+
+@pytest.mark.parametrize("forget", ["script_flush", "flushall"])
+async def test_forgotten_scripts_are_reloaded_but_forgotten_data_fails_every_caller_at_once(
+    private_redis: PrivateRedis, forget: str
+) -> None:
+    coordination = RedisCoordination(private_redis.url, namespace="forgot", timeout=0.5, lease=1.5)
+    outcomes: list[str] = []
+    async with Scheduler(
+        shared=coordination, budget=Budget(tokens=10**6), cache=False, max_concurrency=50, retry=NO_RETRY
+    ) as s:
+        await s.call(answer("before"), model="m", reserve=Usage(1, 0))
+        admin = redis_sync.Redis(port=private_redis.port)
+        getattr(admin, forget)()  # an operator's SCRIPT FLUSH; or the data gone, as after a restart
+        admin.close()
+
+        async def one(i: int) -> None:
+            try:
+                await s.call(answer(i), model="m", reserve=Usage(1, 0))
+                outcomes.append("sent")
+            except CoordinationLost:
+                outcomes.append("lost")
+
+        # 50 reservations go out in one pipeline: each one's outcome is decided, none waits forever.
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for i in range(50):
+                    tg.start_soon(one, i)
+    # Scripts that did not run are loaded again and sent again; a budget that is gone is never recreated.
+    assert outcomes == (["sent"] * 50 if forget == "script_flush" else ["lost"] * 50)
