@@ -25,6 +25,10 @@ class Limiter(Protocol):
     """An RPM/TPM limiter: `acquire` waits for a start slot; the API's headers and 429s adjust it."""
 
     @property
+    def active(self) -> bool:
+        """Whether `acquire` may have to wait (a limit is set, or a pause was asked for)."""
+
+    @property
     def rpm(self) -> float | None:
         """Effective requests per minute (None: unlimited)."""
 
@@ -36,13 +40,13 @@ class Limiter(Protocol):
         """Change the configured ceilings."""
 
     def observe(self, info: RateLimitInfo) -> None:
-        """Adopt what the API's rate-limit headers say."""
+        """Adopt what the API's rate-limit headers say (never below `RateLimiter.MIN_RPM`/`MIN_TPM`)."""
 
     def pause(self, seconds: float) -> None:
-        """Start nothing for `seconds` (a 429's Retry-After)."""
+        """Start nothing for `seconds` (a 429's Retry-After), at most the limiter's `max_pause`."""
 
-    async def acquire(self, tokens: int) -> None:
-        """Wait until a request of `tokens` may start."""
+    async def acquire(self, tokens: int, *, max_wait: float | None = None) -> None:
+        """Wait until a request of `tokens` may start; RequestTimeout at once for a start past `max_wait`."""
 
 
 class Ledger(Protocol):
@@ -57,10 +61,26 @@ class Ledger(Protocol):
     def spend(self) -> Spend:
         """Spend and reservations so far."""
 
-    def try_reserve(self, tokens: int, pico: int) -> Reservation | None:
-        """Reserve without waiting, or None when `reserve` must be awaited."""
+    def try_reserve(
+        self,
+        tokens: int,
+        pico: int,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        input_ceiling: int | None = None,
+    ) -> Reservation | None:
+        """Reserve without waiting, or None when `reserve` must be awaited (keywords: see BudgetLedger)."""
 
-    async def reserve(self, tokens: int, pico: int) -> Reservation:
+    async def reserve(
+        self,
+        tokens: int,
+        pico: int,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        input_ceiling: int | None = None,
+    ) -> Reservation:
         """Reserve a worst case, waiting while requests in flight hold the room (BudgetExceeded if never)."""
 
     def release(self, res: Reservation) -> None:
@@ -69,8 +89,9 @@ class Ledger(Protocol):
     def charge_reserved(self, res: Reservation) -> None:
         """The outcome is unknown: spend the whole reservation."""
 
-    def settle(self, res: Reservation, usage: Usage, pico: int) -> bool:
-        """Spend the actual usage; False when it exceeded the reservation."""
+    def settle(self, res: Reservation, usage: Usage | None, pico: int) -> bool:
+        """Spend the actual usage; False when it exceeded the reservation. None: an unknown outcome,
+        charged the reservation; an impossible usage is charged the reservation and raises BadResponse."""
 
 
 class ResultCache(Protocol):
@@ -110,8 +131,8 @@ class Coordination(Protocol):
     async def aclose(self) -> None:
         """Apply what is queued and disconnect."""
 
-    def limiter(self, scope: str, rpm: float | None, tpm: float | None) -> Limiter:
-        """The limiter for `scope` ("*" for all models, else a model name)."""
+    def limiter(self, scope: str, rpm: float | None, tpm: float | None, *, max_pause: float) -> Limiter:
+        """The limiter for `scope` ("*" for all models, else a model name); pauses last <= `max_pause` s."""
 
     def ledger(self, budget: Budget | None) -> Ledger:
         """The shared budget ledger."""

@@ -81,7 +81,7 @@ class _Call:
     tokens: int
     pico: int
     split: dict[str, int | None]
-    limiter: RateLimiter
+    limiter: Limiter
     model: str
     label: str
     key: str | None
@@ -184,10 +184,12 @@ class Scheduler:
         self._shared = shared
         self._retry = retry or RetryPolicy()
         # No server pauses everyone longer than it could make one request wait (max_retry_after).
-        self._limiter: Limiter = RateLimiter(rpm, tpm, max_pause=self._retry.max_retry_after)  # validates rpm/tpm
+        self._limiter: Limiter = RateLimiter(
+            rpm, tpm, max_pause=self._retry.max_retry_after
+        )  # validates rpm/tpm
         self._limits = (self._limiter.rpm, self._limiter.tpm)
         if shared is not None:
-            self._limiter = shared.limiter("*", *self._limits)
+            self._limiter = shared.limiter("*", *self._limits, max_pause=self._retry.max_retry_after)
         if not isinstance(limits_per_model, bool):
             raise ConfigError(f"limits_per_model must be True or False, got {limits_per_model!r}")
         self._per_model = limits_per_model
@@ -290,7 +292,7 @@ class Scheduler:
             lim = self._limiters[model] = (
                 RateLimiter(*self._limits, max_pause=self._retry.max_retry_after)
                 if shared is None
-                else shared.limiter(model, *self._limits)
+                else shared.limiter(model, *self._limits, max_pause=self._retry.max_retry_after)
             )
         return lim
 

@@ -22,9 +22,10 @@ local function num(x) return tonumber(x) or 0 end
 local function int(x) return string.format('%.0f', x) end
 """
 
-# GCRA with zero burst, the arithmetic of `limiter.RateSchedule`: book the next start slot for every
-# worker at once. KEYS: epoch, rate. ARGV: epoch, tokens, ceiling rpm, ceiling tpm (0: none).
-# Returns {0, wait_us, effective rpm, effective tpm}.
+# GCRA with zero burst, the arithmetic of `_limiter.RateSchedule`: book the next start slot for every
+# worker at once. KEYS: epoch, rate. ARGV: epoch, tokens, ceiling rpm, ceiling tpm (0: none), the most
+# microseconds the caller may wait (-1: no bound). Returns {0, wait_us, effective rpm, effective tpm},
+# or {1, wait_us, ...} without booking when the slot is further away than the caller may wait.
 ACQUIRE = (
     _PROLOGUE
     + """
@@ -38,6 +39,8 @@ if num(s[6]) > now then
   if lt > 0 and tpm > 0 and lt < tpm then tpm = lt end
 end
 local slot = math.max(now, req, tok, pause)
+local most = num(ARGV[5])
+if most >= 0 and slot - now > most then return {1, int(slot - now), tostring(rpm), tostring(tpm)} end
 if rpm > 0 then req = math.ceil(slot + 60000000 / rpm) end
 if tpm > 0 then tok = math.ceil(slot + tokens * 60000000 / tpm) end
 redis.call('HSET', KEYS[2], 'req', int(req), 'tok', int(tok))

@@ -9,8 +9,10 @@ Every worker (process, machine, replica) that opens a scheduler on the same Redi
 - one GCRA RPM/TPM limiter per scope (all models, or one per model with `limits_per_model`): each
   acquisition is one atomic Lua script that books the next start slot on the server's clock, so the
   workers together keep the configured rate with zero burst. One worker's rate-limit headers lower the
-  limit for all of them (never below `rate_floor` x the configured limit, for `rate_ttl` seconds, renewed
-  while the headers keep saying so); a 429's Retry-After pauses all of them (at most `max_pause`).
+  limit for all of them (never below `rate_floor` x the configured limit nor `RateLimiter.MIN_RPM` /
+  `MIN_TPM`, for `rate_ttl` seconds, renewed while the headers keep saying so); a 429's Retry-After
+  pauses all of them (at most the scheduler's `RetryPolicy.max_retry_after`); a start further away
+  than the request's timeout is not booked and fails at once with `RequestTimeout`, as in one process.
 - one hard token/USD budget: reserve, settle, release and charge are atomic scripts against shared
   totals. Each reservation holds a lease that its worker renews every `lease / 3` seconds while the
   request is in flight; a lease that runs out (the worker died or stalled) is charged in full by the next
@@ -54,12 +56,12 @@ import attrs
 
 from .._checks import check_number
 from .._logs import get_logger
-from ..errors import BudgetExceeded, ConfigError, CoordinationLost, UsageError
+from ..errors import BadResponse, BudgetExceeded, ConfigError, CoordinationLost, RequestTimeout, UsageError
 from ..providers import RateLimitInfo, Usage
 from . import _lua
-from ._budget import _PICO_PER_USD, Budget, Reservation, Spend, usd_to_pico
+from ._budget import _PICO_PER_USD, Budget, Reservation, Spend, impossible_usage, usd_to_pico
 from ._cache import CachedValue
-from ._limiter import check_rate
+from ._limiter import RateLimiter, check_rate
 
 __all__ = ["RedisCoordination"]
 
@@ -426,7 +428,15 @@ class _SharedLedger:
         self._adopt(await self._link.call("budget_init", self._keys, ("", "")))
         return self.spend()
 
-    def try_reserve(self, tokens: int, pico: int) -> Reservation | None:
+    def try_reserve(
+        self,
+        tokens: int,
+        pico: int,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        input_ceiling: int | None = None,
+    ) -> Reservation | None:
         """Never without waiting: only Redis can say whether it fits."""
         return None
 
@@ -462,11 +472,27 @@ class _SharedLedger:
             parts.append(f"${spent.usd:.6f} of ${ln / 1e9:.6f} spent, next needs up to ${res.nano / 1e9:.6f}")
         return BudgetExceeded("shared budget exhausted: " + "; ".join(parts), spent=spent)
 
-    async def reserve(self, tokens: int, pico: int) -> Reservation:
+    async def reserve(
+        self,
+        tokens: int,
+        pico: int,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        input_ceiling: int | None = None,
+    ) -> Reservation:
         """Reserve on the shared budget; while in-flight requests hold the room, wait in line (FIFO
-        within this worker, polling every `poll` seconds for other workers' settlements)."""
+        within this worker, polling every `poll` seconds for other workers' settlements). The keywords
+        are `BudgetLedger.reserve`'s: what `settle` checks an answer's usage against."""
         res = _Leased(
-            tokens, pico, id=f"{self._link.owner}.{next(self._ids)}", nano=-(-pico // _PICO_PER_NANO)
+            tokens,
+            pico,
+            True,
+            input_tokens,
+            output_tokens,
+            input_ceiling,
+            id=f"{self._link.owner}.{next(self._ids)}",
+            nano=-(-pico // _PICO_PER_NANO),
         )
         if await self._attempt(res) == 0:
             return res
@@ -507,12 +533,22 @@ class _SharedLedger:
         """The outcome is unknown: spend the whole reservation (queued)."""
         self._close(res, "charge")
 
-    def settle(self, res: Reservation, usage: Usage, pico: int) -> bool:
-        """Spend the actual usage (queued); False when it exceeded the reservation."""
+    def settle(self, res: Reservation, usage: Usage | None, pico: int) -> bool:
+        """Spend the actual usage (queued); False when it exceeded the reservation. The rules are
+        `BudgetLedger.settle`'s: no usage is charged the reservation; an impossible one too, and raises
+        BadResponse."""
+        if usage is None:
+            self.charge_reserved(res)
+            return True
+        problem = impossible_usage(usage, res)
+        if problem is not None:
+            self.charge_reserved(res)
+            raise BadResponse(f"the answer reports an impossible usage ({problem}); charged its reservation")
         if not self._close(res, "settle", usage, pico):
             return True
         tokens = usage.input_tokens + usage.output_tokens
-        return not self.limited or (tokens <= res.tokens and pico <= res.pico)
+        within = res.input_tokens is None or usage.input_tokens <= res.input_tokens
+        return within and (not self.limited or (tokens <= res.tokens and pico <= res.pico))
 
 
 def _describe_limits(tokens: int, nano: int) -> str:
@@ -528,14 +564,27 @@ class _SharedLimiter:
     """The RPM/TPM limiter over Redis (see the module doc); same methods as `RateLimiter`."""
 
     def __init__(
-        self, link: _Link, scope: str, rpm: float | None, tpm: float | None, coordination: RedisCoordination
+        self,
+        link: _Link,
+        scope: str,
+        rpm: float | None,
+        tpm: float | None,
+        coordination: RedisCoordination,
+        max_pause: float,
     ) -> None:
+        check_number("max_pause", max_pause, strict=False, unit="seconds")
         self._link = link
         self._key = link.key("rate", scope)
         self._c = coordination
         self._ceiling = (check_rate("rpm", rpm), check_rate("tpm", tpm))
         self._effective = self._ceiling
+        self.max_pause = float(max_pause)
         self._paused_until = 0.0
+
+    @property
+    def active(self) -> bool:
+        """Whether `acquire` may have to wait: a limit is configured, or this worker saw a pause."""
+        return self._ceiling != (None, None) or self._paused_until > 0
 
     @property
     def rpm(self) -> float | None:
@@ -551,16 +600,16 @@ class _SharedLimiter:
         """Change this worker's configured ceilings (give every worker the same)."""
         self._ceiling = self._effective = (check_rate("rpm", rpm), check_rate("tpm", tpm))
 
-    def _lowered(self, ceiling: float | None, reported: int | None) -> float:
+    def _lowered(self, ceiling: float | None, reported: int | None, floor: float) -> float:
         if ceiling is None or reported is None or reported <= 0:
             return 0.0
-        value = max(float(reported), self._c.rate_floor * ceiling)
+        value = max(float(reported), self._c.rate_floor * ceiling, floor)
         return value if value < ceiling else 0.0
 
     def observe(self, info: RateLimitInfo) -> None:
         """Lower every worker's limits to what the API reports (floored, expiring); pause on empty."""
-        rpm = self._lowered(self._ceiling[0], info.requests_limit)
-        tpm = self._lowered(self._ceiling[1], info.tokens_limit)
+        rpm = self._lowered(self._ceiling[0], info.requests_limit, RateLimiter.MIN_RPM)
+        tpm = self._lowered(self._ceiling[1], info.tokens_limit, RateLimiter.MIN_TPM)
         if rpm or tpm:
             self._link.post("adjust", (self._key,), (rpm, tpm, int(self._c.rate_ttl * 1e6), 0))
         if info.requests_remaining == 0:
@@ -570,24 +619,38 @@ class _SharedLimiter:
 
     def pause(self, seconds: float) -> None:
         """Start nothing, on any worker, for `seconds` (at most `max_pause`)."""
-        seconds = min(max(0.0, seconds), self._c.max_pause)
+        seconds = min(max(0.0, seconds), self.max_pause)
         if seconds <= 0:
             return
         loop = asyncio.get_running_loop()
         self._paused_until = max(self._paused_until, loop.time() + seconds)
         self._link.post("adjust", (self._key,), (0, 0, 0, int(seconds * 1e6)))
 
-    async def acquire(self, tokens: int) -> None:
-        """Book a start slot on the shared schedule and wait for it."""
+    async def acquire(self, tokens: int, *, max_wait: float | None = None) -> None:
+        """Book a start slot on the shared schedule and wait for it. With `max_wait`, a start further
+        away than that is not booked and raises `RequestTimeout` at once."""
         rpm, tpm = self._ceiling
         wait = 0.0
+        local = self._paused_until - asyncio.get_running_loop().time()
         if rpm is not None or tpm is not None:
-            reply = await self._link.call("acquire", (self._key,), (tokens, rpm or 0, tpm or 0))
+            # The local pause counts against max_wait too: the script books only what can be used.
+            budget_us = -1 if max_wait is None else max(0, int((max_wait - max(local, 0.0)) * 1e6))
+            reply = await self._link.call("acquire", (self._key,), (tokens, rpm or 0, tpm or 0, budget_us))
             wait = int(reply[1]) / 1e6
             er, et = float(reply[2]), float(reply[3])
             self._effective = (er if er > 0 else None, et if et > 0 else None)
-        local = self._paused_until - asyncio.get_running_loop().time()
+            if int(reply[0]) == 1:
+                raise RequestTimeout(
+                    f"shared rate limit: the next start is {wait:.3g} s away, past this request's "
+                    f"timeout of {max_wait:g} s",
+                    status=None,
+                )
         wait = max(wait, local)
+        if max_wait is not None and wait > max_wait:
+            raise RequestTimeout(
+                f"paused: the next start is {wait:.3g} s away, past this request's timeout of {max_wait:g} s",
+                status=None,
+            )
         if wait > 0:
             await asyncio.sleep(wait)
 
@@ -706,8 +769,8 @@ class RedisCoordination:
     a reservation or cache claim outlives its worker), `timeout` (seconds per Redis round trip before
     the coordinator counts as lost), `poll` (seconds between budget checks while waiting for room that
     another worker holds), the cache's `cache_ttl`, `cache_max_entries`, `max_value_bytes`,
-    `memory_entries` (this worker's copy), `dedup_wait`, and the limiter's `rate_floor`, `rate_ttl`,
-    `max_pause`. Every scheduler of every worker should be given the same rpm/tpm and Budget.
+    `memory_entries` (this worker's copy), `dedup_wait`, and the limiter's `rate_floor` and `rate_ttl`.
+    Every scheduler of every worker should be given the same rpm/tpm, Budget and RetryPolicy.
     """
 
     def __init__(
@@ -725,7 +788,6 @@ class RedisCoordination:
         dedup_wait: float = 60.0,
         rate_floor: float = 0.1,
         rate_ttl: float = 60.0,
-        max_pause: float = 60.0,
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"url must be a redis://, rediss:// or unix:// URL, got {mask_url(str(url))!r}")
@@ -741,7 +803,6 @@ class RedisCoordination:
             ("cache_ttl", cache_ttl),
             ("dedup_wait", dedup_wait),
             ("rate_ttl", rate_ttl),
-            ("max_pause", max_pause),
         ):
             check_number(name, value, unit="seconds")
         for name, count in (
@@ -762,7 +823,7 @@ class RedisCoordination:
         self.cache_ttl, self.cache_max_entries = float(cache_ttl), cache_max_entries
         self.max_value_bytes, self.memory_entries = max_value_bytes, memory_entries
         self.dedup_wait = float(dedup_wait)
-        self.rate_floor, self.rate_ttl, self.max_pause = float(rate_floor), float(rate_ttl), float(max_pause)
+        self.rate_floor, self.rate_ttl = float(rate_floor), float(rate_ttl)
         self._link = _Link(url, namespace, self.timeout)
         self._ledgers: list[_SharedLedger] = []
         self._caches: list[_SharedCache] = []
@@ -779,9 +840,12 @@ class RedisCoordination:
 
     # -- the Coordination protocol ---------------------------------------------------------------------
 
-    def limiter(self, scope: str, rpm: float | None, tpm: float | None) -> _SharedLimiter:
-        """The shared limiter of `scope` ("*": every model; else one model's)."""
-        return _SharedLimiter(self._link, scope, rpm, tpm, self)
+    def limiter(
+        self, scope: str, rpm: float | None, tpm: float | None, *, max_pause: float = 60.0
+    ) -> _SharedLimiter:
+        """The shared limiter of `scope` ("*": every model; else one model's); a pause lasts at most
+        `max_pause` seconds (the scheduler passes its `RetryPolicy.max_retry_after`)."""
+        return _SharedLimiter(self._link, scope, rpm, tpm, self, max_pause)
 
     def ledger(self, budget: Budget | None) -> _SharedLedger:
         """The namespace's budget ledger (checked against the stored budget at open)."""

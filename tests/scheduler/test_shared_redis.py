@@ -39,8 +39,8 @@ async def workers(
         yield out
 
 
-def answer(value: Any, tokens: int = 10, rate_limits: RateLimitInfo | None = None) -> Any:
-    """A billable call that returns `value` having used `tokens` input tokens."""
+def answer(value: Any, tokens: int = 1, rate_limits: RateLimitInfo | None = None) -> Any:
+    """A billable call that returns `value` having used `tokens` input tokens (at most its reservation)."""
 
     async def fn() -> Outcome:
         return Outcome(value, Usage(tokens, 0), rate_limits)
@@ -97,9 +97,9 @@ async def test_a_worker_with_another_budget_is_refused_and_one_without_adopts_it
             plain,
         ):  # declares no budget: held to the stored one
             for i in range(10):
-                await plain.call(answer(i), model="m", reserve=Usage(10, 0))
+                await plain.call(answer(i, 10), model="m", reserve=Usage(10, 0))
             with pytest.raises(BudgetExceeded, match="shared budget exhausted: 100 of 100 tokens"):
-                await plain.call(answer(10), model="m", reserve=Usage(10, 0))
+                await plain.call(answer(10, 10), model="m", reserve=Usage(10, 0))
 
 
 # -- the budget --------------------------------------------------------------------------------------------
@@ -108,12 +108,12 @@ async def test_a_worker_with_another_budget_is_refused_and_one_without_adopts_it
 async def test_workers_share_one_budget_and_see_each_others_spend(redis_url: str, namespace: str) -> None:
     async with workers(redis_url, namespace, n=2, budget=Budget(tokens=100), cache=False) as (a, b):
         for i in range(5):
-            await a.call(answer(i), model="m", reserve=Usage(10, 0))
-            await b.call(answer(i), model="m", reserve=Usage(10, 0))
+            await a.call(answer(i, 10), model="m", reserve=Usage(10, 0))
+            await b.call(answer(i, 10), model="m", reserve=Usage(10, 0))
         with pytest.raises(BudgetExceeded):
-            await a.call(answer("one more"), model="m", reserve=Usage(10, 0))
+            await a.call(answer("one more", 10), model="m", reserve=Usage(10, 0))
         with pytest.raises(BudgetExceeded):
-            await b.call(answer("one more"), model="m", reserve=Usage(10, 0))
+            await b.call(answer("one more", 10), model="m", reserve=Usage(10, 0))
         await b._shared.spent()  # type: ignore[union-attr]
         assert b.spent().tokens == 100 and b.spent().requests == 10
 
@@ -246,7 +246,7 @@ async def test_when_the_worker_computing_a_key_fails_another_computes_it(
 
         async def run_b() -> None:
             results.append(
-                await b.call(answer("b computed"), model="m", reserve=Usage(5, 0), cache_key="flaky")
+                await b.call(answer("b computed", 5), model="m", reserve=Usage(5, 0), cache_key="flaky")
             )
 
         # b waits on a's claim; when a fails, b takes over at once (well within dedup_wait's 60 s).
