@@ -15,7 +15,14 @@ import redis as redis_sync
 from evomerge_openai import OpenAIProvider
 from redis_servers import PrivateRedis, free_port
 
-from evomerge_sdk.errors import BudgetExceeded, ConfigError, CoordinationLost, InvalidRequest, RateLimited
+from evomerge_sdk.errors import (
+    BudgetExceeded,
+    ConfigError,
+    CoordinationLost,
+    InvalidRequest,
+    RateLimited,
+    RequestTimeout,
+)
 from evomerge_sdk.providers import ChatRequest, RateLimitInfo, Usage
 from evomerge_sdk.scheduler import Budget, Outcome, RedisCoordination, RetryPolicy, Scheduler
 from evomerge_sdk.testing import EchoServer
@@ -177,6 +184,21 @@ async def test_a_429_on_one_worker_pauses_every_worker(redis_url: str, namespace
         t0 = time.perf_counter()
         await b.call(answer("after the pause"), model="m", reserve=Usage(1, 0))
         assert time.perf_counter() - t0 >= 0.3
+
+
+async def test_a_shared_start_past_the_request_timeout_fails_at_once_without_booking(
+    redis_url: str, namespace: str
+) -> None:
+    client = redis_sync.Redis.from_url(redis_url)
+    rate = f"evomerge:{{{namespace}}}:rate:*"
+    async with workers(redis_url, namespace, n=2, rpm=60, cache=False, timeout=0.5) as (a, b):
+        await a.call(answer("first"), model="m", reserve=Usage(1, 0))  # the next slot is 1 s away
+        booked = client.hget(rate, "req")
+        assert booked is not None
+        with pytest.raises(RequestTimeout, match="shared rate limit: the next start is"):
+            await b.call(answer("second"), model="m", reserve=Usage(1, 0))
+        assert client.hget(rate, "req") == booked  # refused before booking: no slot is wasted
+    client.close()
 
 
 # -- the cache ---------------------------------------------------------------------------------------------
