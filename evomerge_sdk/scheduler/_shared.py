@@ -175,6 +175,7 @@ class _Link:
         await asyncio.gather(*pumps, return_exceptions=True)
         self._fail_pending(self.lost or CoordinationLost(f"the coordination on {self.shown} was closed"))
         client, self._client = self._client, None
+        self._wake = None  # closed: `submit` refuses, `post` drops
         await client.aclose()
 
     def key(self, *parts: str) -> str:
@@ -203,8 +204,10 @@ class _Link:
         args: Sequence[str | int | float | bytes],
         then: Callable[[list[Any]], None] | None = None,
     ) -> None:
-        """Queue script `name` without waiting for it (a failure marks the link lost, nothing else)."""
-        if self.lost is not None:
+        """Queue script `name` without waiting for it (a failure marks the link lost, nothing else).
+        Dropped when the link is lost or closed: a settlement that cannot reach Redis is covered by its
+        reservation's lease, which charges it in full."""
+        if self.lost is not None or self._wake is None:
             return
         fut = self.submit(name, keys, args)
 
