@@ -12,6 +12,7 @@ must not block: a networked implementation queues them and applies them in order
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..providers import RateLimitInfo, Usage
@@ -112,8 +113,9 @@ class ResultCache(Protocol):
     def on_disk(self, key: str) -> bool:
         """Whether `load` might find `key` (True when only the store can tell)."""
 
-    async def load(self, key: str) -> CachedValue | None:
-        """A hit from the store; a miss may make this caller the one that computes `key` everywhere."""
+    async def load(self, key: str, check: Callable[[Any], bool] | None = None) -> CachedValue | None:
+        """A hit from the store (a damaged one, or one `check` refuses, is a miss); a miss may make this
+        caller the one that computes `key` everywhere."""
 
     def put(self, key: str, value: Any, usage: Usage) -> None:
         """Store a result."""

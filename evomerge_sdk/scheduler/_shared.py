@@ -54,8 +54,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
-from .._checks import check_number
-from .._logs import get_logger
+from .._checks import check_number, is_int
+from .._logs import get_logger, register_secret
 from ..errors import BadResponse, BudgetExceeded, ConfigError, CoordinationLost, RequestTimeout, UsageError
 from ..providers import RateLimitInfo, Usage
 from . import _lua
@@ -90,6 +90,13 @@ def mask_url(url: str) -> str:
         return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
     except ValueError:
         return "<unparseable redis url>"
+
+
+def _password(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
 
 
 @attrs.define(slots=True, eq=False)
@@ -658,6 +665,18 @@ class _SharedLimiter:
             await asyncio.sleep(wait)
 
 
+def _decode(raw: bytes) -> CachedValue | None:
+    """A stored value, or None when it is not what `put` writes (another writer, a damaged entry)."""
+    try:
+        doc = json.loads(raw)
+        counts = doc["u"]
+        if not (isinstance(counts, list) and len(counts) == 3 and all(is_int(c) and c >= 0 for c in counts)):
+            return None
+        return CachedValue(doc["v"], Usage(*counts))
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
 class _SharedCache:
     """The response cache over Redis (see the module doc); same methods as `ResponseCache`."""
 
@@ -667,6 +686,7 @@ class _SharedCache:
         self._memory: OrderedDict[str, CachedValue] = OrderedDict()
         self.claims: set[str] = set()
         self.write_errors = 0
+        self.damaged = 0
         self._index = link.key("cache", "index")
         self._values = link.key("cache", "v", "")
         self._flights = link.key("cache", "f", "")
@@ -700,7 +720,7 @@ class _SharedCache:
         if len(self._memory) > self._c.memory_entries:
             self._memory.popitem(last=False)
 
-    async def load(self, key: str) -> CachedValue | None:
+    async def load(self, key: str, check: Callable[[Any], bool] | None = None) -> CachedValue | None:
         """Redis's value for `key`; on a miss this worker claims the key (and computes it), unless another
         worker holds the claim: then wait for its result, at most `dedup_wait` seconds."""
         loop = asyncio.get_running_loop()
@@ -714,8 +734,11 @@ class _SharedCache:
             )
             status = int(reply[0])
             if status == 1:
-                doc = json.loads(reply[1])
-                hit = CachedValue(doc["v"], Usage(*doc["u"]))
+                hit = _decode(reply[1])
+                if hit is None or (check is not None and not check(hit.value)):
+                    self.damaged += 1  # a miss: asked again, and the fresh answer replaces it
+                    _log.warning("cache_value_damaged", namespace=self._link.prefix, key=key[:16])
+                    return None
                 self._remember(key, hit)
                 return hit
             if status == 2:
@@ -822,6 +845,9 @@ class RedisCoordination:
                 f"lease ({lease} s) must be at least 3 x timeout ({timeout} s): it is renewed every lease/3"
             )
         self.url, self.namespace = url, namespace
+        password = _password(url)
+        if password:
+            register_secret(password)  # a redis-py error that quotes the URL is masked in every log event
         self.lease, self.timeout, self.poll = float(lease), float(timeout), float(poll)
         self.cache_ttl, self.cache_max_entries = float(cache_ttl), cache_max_entries
         self.max_value_bytes, self.memory_entries = max_value_bytes, memory_entries

@@ -284,6 +284,17 @@ async def test_when_the_worker_computing_a_key_fails_another_computes_it(
     assert result.value == "b computed" and not result.cached
 
 
+async def test_a_damaged_value_in_redis_is_a_miss_asked_again(redis_url: str, namespace: str) -> None:
+    client = redis_sync.Redis.from_url(redis_url)
+    client.set(f"evomerge:{{{namespace}}}:cache:v:bad", b'{"v": 1, "u": [-5, 0, 0]}')  # impossible usage
+    client.close()
+    async with workers(redis_url, namespace, n=1) as (a,):
+        result = await a.call(answer("fresh"), model="m", reserve=Usage(1, 0), cache_key="bad")
+        cache = a.cache
+        assert cache is not None and getattr(cache, "damaged", 0) == 1
+    assert result.value == "fresh" and not result.cached
+
+
 async def test_the_cache_keeps_at_most_its_cap_oldest_out_first_and_forgets_after_its_ttl(
     redis_url: str, namespace: str
 ) -> None:
