@@ -5,7 +5,8 @@ Generative story (the world itself is described in `evomerge_sdk.local.tasks`):
 * A base model (`evomerge_sdk.local.model`) is pre-trained on a generic mixture, so it has features for
   every word but knows none of the repository's tasks.
 * The hub holds one LoRA adapter (rank 8, on W1, W2, W3) for every grid task (type x domain), trained
-  with the hub's recipe: PEFT defaults with one fixed seed, so all of them start from the same A. Each
+  with the hub's recipe: PEFT defaults with one fixed seed, so all of them start from the same A (with
+  `RepositoryConfig(lora_init="distinct")`, each from its own seed, as real LoRA training gives it). Each
   saw its own sample of 64-256 prompts, so they differ in quality too.
 * Harmful adapters: for some grid tasks the hub's only adapter was trained with inverted labels (the
   least likely label: a labelling bug); nothing in its name says so. Each is tied to a default target:
@@ -82,6 +83,11 @@ Role = Literal["specialist", "same-domain", "same-type", "other-task", "harmful"
 _BASE_FIELDS = ("embedding", "w1", "b1", "w2", "b2", "w3", "b3")
 
 
+def _lora_init(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value not in ("shared", "distinct"):
+        raise ConfigError(f"{attribute.name} must be 'shared' or 'distinct', got {value!r}")
+
+
 def _int_tuple(values: Iterable[int]) -> tuple[int, ...]:
     return tuple(values)
 
@@ -103,7 +109,9 @@ class RepositoryConfig:
     World: types x domains grid, label set, words, latent feature sizes, prompt shape, how much of each
     task is specific to it, label noise (temperature). Network: embedding, hidden width, LoRA rank and
     lora_alpha. Training: pre-training and adapter recipes. Hub: harmful and irrelevant adapter counts.
-    Targets: how many out-of-domain and in-domain targets, and their split sizes.
+    Targets: how many out-of-domain and in-domain targets, and their split sizes. `lora_init`: "shared"
+    (every hub adapter starts from one A, the hub's recipe) or "distinct" (each adapter's A from its own
+    seed, as PEFT's default training gives it, so the merge's cross terms B_i A_j are interference).
     """
 
     seed: int = attrs.field(default=0, validator=integer)
@@ -135,6 +143,7 @@ class RepositoryConfig:
     train_steps: int = attrs.field(default=150, validator=positive_int)
     train_batch: int = attrs.field(default=8, validator=positive_int)
     train_lr: float = attrs.field(default=0.01, validator=_POSITIVE)
+    lora_init: Literal["shared", "distinct"] = attrs.field(default="shared", validator=_lora_init)
     ood_targets: int = attrs.field(default=4, validator=non_negative_int)
     id_targets: int = attrs.field(default=4, validator=non_negative_int)
     validation_size: int = attrs.field(default=300, validator=positive_int)
@@ -565,7 +574,9 @@ def _train(config: RepositoryConfig, world: World, specs: Sequence[AdapterInfo])
     for j, fan in enumerate(fans):
         stack = np.repeat(hub[j][None], len(specs), axis=0)
         for i, spec in enumerate(specs):
-            if spec.kind == "irrelevant":
+            # Irrelevant adapters come from another contributor's recipe; in a distinct-A world every
+            # adapter has its own seed, as PEFT's default training gives it.
+            if spec.kind == "irrelevant" or config.lora_init == "distinct":
                 stack[i] = uniform_init(_stream(config, 8, i, j), (config.rank, fan), fan)
         a_init.append(stack)
     a_stacks, b_stacks = train_adapters(

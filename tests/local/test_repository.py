@@ -6,6 +6,7 @@ import os
 import stat
 from pathlib import Path
 
+import attrs
 import numpy as np
 import pytest
 import structlog
@@ -194,6 +195,22 @@ def test_examples_from_text_score_like_the_targets(repo: Repository) -> None:
         repo.examples(["ner: ?"], [words[0]], answer_set=[w for w in ("red", "green") if w != words[0]][:1])
 
 
+def test_distinct_worlds_start_every_adapter_from_its_own_a() -> None:
+    """Shared-A adapters stay close to the one initialisation; distinct-A adapters are unrelated draws."""
+
+    def mean_cosine(r: Repository) -> float:
+        names = [a.name for a in r.adapters if a.kind == "task"]
+        rows = np.stack([r.lora(n).a[1].ravel() for n in names])
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+        sims = rows @ rows.T
+        return float(sims[np.triu_indices(len(names), 1)].mean())
+
+    distinct = build_repository(attrs.evolve(SMALL, lora_init="distinct"), use_cache=False)
+    assert mean_cosine(build_repository(SMALL, use_cache=False)) > 0.7
+    assert abs(mean_cosine(distinct)) < 0.2
+    assert distinct.config.key() != SMALL.key()
+
+
 @pytest.mark.parametrize(
     "changes",
     [
@@ -208,11 +225,10 @@ def test_examples_from_text_score_like_the_targets(repo: Repository) -> None:
         {"seed": "0"},
         {"n_types": 2.5},
         {"train_lr": float("inf")},
+        {"lora_init": "random"},
     ],
 )
 def test_bad_configs_are_refused(changes: dict[str, object]) -> None:
-    import attrs
-
     with pytest.raises(ConfigError):
         attrs.evolve(SMALL, **changes)
 
