@@ -20,9 +20,9 @@ minibatch stages that is the CMA mean re-scored on the whole split, measured out
     python benchmarks/cost.py --ideas   # which cost ideas pay (seeds 0-2, pools 20 and 100)
 
 `--ideas` runs the default preset with one idea changed at a time, at about the same query budget: no
-minibatch, no sigma scaling, the CMA mean re-scored only at the end of a stage, held-out early stopping,
-a warm start from Task Arithmetic's lambda, minibatches of 60. It also reports what the objective's
-per-example cache saved.
+minibatch, minibatches of 10 or 30, no sigma scaling, the CMA mean re-scored only at the end, held-out
+early stopping, a warm start from Task Arithmetic's lambda, the paper's stage 1 in front. It also reports
+what the objective's per-example cache saved.
 
 The last line is one JSON object: `query_ratio` (default / paper queries) and `loss_gap` ((default -
 paper) / paper validation loss), each the median over targets of the per-target means over seeds; the
@@ -58,6 +58,7 @@ from evomerge_sdk.engine import (
     Progress,
     SearchConfig,
     SearchResult,
+    preset,
     task_arithmetic,
 )
 from evomerge_sdk.local.repository import Repository, RepositoryConfig, Target, build_repository
@@ -153,38 +154,29 @@ def plot(runs: list[dict[str, Any]], targets: list[str], path: Path) -> None:
 
 # -- which cost ideas pay: the default preset with one idea changed at a time ------------------------------
 def idea_variants() -> dict[str, tuple[str, SearchConfig]]:
-    """Variants of the default preset at about its query budget (44,400), one idea changed each."""
-    d, s = DEFAULT.denoise, DEFAULT.scale
-    assert d is not None and s is not None
+    """Variants of the default preset at about its query budget (19,500), one idea changed each."""
+    s = DEFAULT.scale
+    assert s is not None
 
-    def both(**changes: Any) -> SearchConfig:
-        return attrs.evolve(DEFAULT, denoise=attrs.evolve(d, **changes), scale=attrs.evolve(s, **changes))
+    def scale(**changes: Any) -> SearchConfig:
+        return attrs.evolve(DEFAULT, scale=attrs.evolve(s, **changes))
 
     return {
-        "default": ("the default preset", DEFAULT),
+        "default": ("the default preset (minibatches of 20, 900 evaluations)", DEFAULT),
         "full_batch": (
-            "no minibatch: all 300 examples per evaluation, 140 evaluations",
-            attrs.evolve(
-                DEFAULT,
-                denoise=attrs.evolve(d, batch_size=None, max_evaluations=20),
-                scale=attrs.evolve(s, batch_size=None, max_evaluations=120),
-            ),
+            "no minibatch: all 300 examples per evaluation, 60 evaluations",
+            scale(batch_size=None, max_evaluations=60),
         ),
-        "no_sigma_scaling": ("stage-2 sigma 0.07 for any pool size", both(sigma_scaling="none")),
-        "mean_at_end_only": ("CMA mean re-scored only at the end of each stage", both(rescore_every=0)),
+        "batch_10": ("minibatches of 10, 1,800 evaluations", scale(batch_size=10, max_evaluations=1800)),
+        "batch_30": ("minibatches of 30, 600 evaluations", scale(batch_size=30, max_evaluations=600)),
+        "no_sigma_scaling": ("sigma 0.07 for any pool size", scale(sigma_scaling="none")),
+        "mean_at_end_only": ("CMA mean re-scored only at the end", scale(rescore_every=0)),
         "early_stopping": (
             "+ held-out early stopping (patience 20, mean re-scored every 5th generation)",
-            attrs.evolve(both(rescore_every=5), early_stopping=EarlyStopping(patience=20)),
+            attrs.evolve(scale(rescore_every=5), early_stopping=EarlyStopping(patience=20)),
         ),
-        "warm_start": ("+ warm start: stage 2 from Task Arithmetic's lambda (11 full evaluations)", DEFAULT),
-        "batch_60": (
-            "minibatches of 60, half the evaluations",
-            attrs.evolve(
-                DEFAULT,
-                denoise=attrs.evolve(d, batch_size=60, max_evaluations=80),
-                scale=attrs.evolve(s, batch_size=60, max_evaluations=620),
-            ),
-        ),
+        "warm_start": ("+ warm start from Task Arithmetic's lambda (11 full evaluations)", DEFAULT),
+        "two_stage": ("+ stage 1 (denoising): the paper's two stages, 80 + 820", preset("two-stage")),
     }
 
 
@@ -196,9 +188,9 @@ async def run_idea(repo: Repository, target: Target, size: int, seed: int, name:
     if name == "warm_start":
         assert config.scale is not None
         lam = float((await task_arithmetic(objective, len(pool))).beta[0])
-        # Pay for the warm start out of stage 2's budget, in whole generations of 30-example evaluations.
+        # Pay for the warm start out of the stage's budget, in whole generations of minibatch evaluations.
         pop = config.scale.popsize or 20
-        spent = -(-objective.queries // (30 * pop)) * pop
+        spent = -(-objective.queries // ((config.scale.batch_size or 300) * pop)) * pop
         scale = attrs.evolve(config.scale, start=lam, max_evaluations=config.scale.max_evaluations - spent)
         config = attrs.evolve(config, scale=scale)
     result = await EvoMerge(objective, len(pool), config).run()

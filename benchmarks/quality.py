@@ -4,9 +4,11 @@ Rows: Evo-Merging with the SDK's default preset, the same preset sized to the Lo
 spend (`engine.fit_to_queries`: the two searches at equal cost), and with the paper's protocol; the
 best single adapter of the pool and the uniform merge; white-box Task Arithmetic, TIES and DARE (their
 hyper-parameters chosen on the validation split from a small grid, as the paper chose its baselines'); a
-LoRAHub-style search; random search; and the paper's three ablations of the full method (no denoising,
-no scaling, no negative betas), which get the full method's budget (a dropped stage's evaluations go to
-the stage that is kept).
+LoRAHub-style search; random search; and the paper's three ablations at the default's budget. The default
+preset has no stage 1 (denoising did not pay over cases), so the denoising ablation runs the other way:
+the paper's two stages (`preset("two-stage")`, stage 1 with 80 of the 900 evaluations) against the
+default; "no scaling" is the two-stage search's stage 1 alone with the whole budget; "no negative betas"
+is the default with beta bounded below by 0.
 Every row runs on the same repositories, targets, pools and seeds, and is chosen on validation data only.
 
 Columns: every target of the repository (4 out-of-domain, 4 in-domain), and the averages, of the metric on
@@ -15,13 +17,19 @@ likely answer within the label set) by default, or macro-F1 with `--metric f1`; 
 deviation over seeds. A seed picks the repository (its world and weights), the pool and the search seed.
 Also the cost of each row: queries (one example scored by one candidate; white-box rows pay one
 validation pass per grid point) and tokens (prompt + answer token of every example scored), per search.
+Claims are the paired tables: per (seed, OOD target), a row minus another, the mean with its 95%
+interval (Student's t over the cases) and wins out of cases (`benchmarks/_paired.py`).
 
-    python benchmarks/quality.py --quick   # pool 20, seed 0, two OOD and one ID target (< 60 s)
-    python benchmarks/quality.py           # pools 20 and 100, seeds 0-4, every target (background it)
+    python benchmarks/quality.py --quick   # pool 20, seed 0, two OOD targets (< 60 s)
+    python benchmarks/quality.py --jobs 2  # pools 20 and 100, seeds 0-4, every target (background it)
+    python benchmarks/quality.py --world distinct   # every adapter's A from its own seed
 
 The last line printed is one JSON object mapping each row to its average held-out (test) metric over the
 out-of-domain targets, in percent (averaged over the pools when there are several; each pool's own line
-is printed under its table).
+is printed under its table), and, per pool, the paired OOD accuracy differences `evo_minus_lorahub`
+(default - LoRAHub-style), `evo_equal_spend_minus_lorahub` and `evo_minus_no_denoising` (the two-stage
+search minus its no-denoising ablation, which is the default: what stage 1 buys), each as
+{"mean", "ci95", "se", "wins", "cases"}; and the world.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # Measure this checkout's package, whichever copy of it is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import _paired
 import anyio
 import attrs
 import numpy as np
@@ -58,6 +67,7 @@ from evomerge_sdk.engine import (
     best_single,
     fit_to_queries,
     planned_queries,
+    preset,
     random_search,
     uniform_merge,
 )
@@ -76,7 +86,7 @@ ROWS: dict[str, str] = {
     "dare": "DARE (white-box)",
     "lorahub": "LoRAHub-style",
     "random_search": "random search",
-    "no_denoising": "Evo-Merging w/o denoising",
+    "two_stage": "Evo-Merging, two stages (+ denoising)",
     "no_scaling": "Evo-Merging w/o scaling",
     "no_negative_betas": "Evo-Merging w/o negative betas",
 }
@@ -85,12 +95,16 @@ RANDOM_SEARCH_EVALUATIONS = 1200
 
 
 def search_rows() -> dict[str, SearchConfig]:
-    """The configs of the search rows; the ablations are of the default preset, at its budget."""
+    """The configs of the search rows, every ablation at the default's budget. The default has no stage
+    1 (it did not pay), so the denoising ablation runs the other way: the paper's two stages against the
+    default, which is their "no denoising"; "no scaling" is the two-stage search's stage 1 alone."""
     return {
         "evo_default": DEFAULT,
         "evo_paper": PAPER,
         "lorahub": LORAHUB,
-        **ablations(DEFAULT, keep_budget=True),
+        "two_stage": preset("two-stage"),
+        "no_scaling": ablations(preset("two-stage"), keep_budget=True)["no_scaling"],
+        "no_negative_betas": preset("default/no_negative_betas"),
     }
 
 
@@ -176,7 +190,7 @@ async def run_case(
         objective = LocalObjective(repo, pool, target)
         result = await runners[name](objective)
         row = measure(objective, result.candidate, started)
-        if name in ("evo_default", "evo_paper"):
+        if name in ("evo_default", "evo_paper", "two_stage"):
             # Where the coefficients went, by what each adapter is to the target (denoising's evidence).
             row = attrs.evolve(
                 row,
@@ -195,10 +209,12 @@ def by_role(repo: Repository, target: Target, pool: Sequence[str], values: np.nd
     return {role: round(statistics.fmean(v), 4) for role, v in sorted(groups.items())}
 
 
-def run_job(job: tuple[int, str, int, tuple[str, ...]]) -> tuple[int, str, int, dict[str, dict[str, Any]]]:
+def run_job(
+    job: tuple[int, str, int, tuple[str, ...], str],
+) -> tuple[int, str, int, dict[str, dict[str, Any]]]:
     """One case in a worker process (repositories come from the build cache after the first build)."""
-    seed, target_name, size, rows = job
-    repo = build_repository(RepositoryConfig(seed=seed))
+    seed, target_name, size, rows, world = job
+    repo = build_repository(RepositoryConfig(seed=seed, lora_init=world))
     result = anyio.run(run_case, repo, repo.target(target_name), size, seed, rows)
     return seed, target_name, size, {k: attrs.asdict(v) for k, v in result.items()}
 
@@ -244,9 +260,11 @@ def table(
     return "\n".join(lines), ood_avg
 
 
-def paired(cases: list[dict[str, Any]], size: int, rows: Sequence[str], base: str = "evo_default") -> str:
-    """Markdown: mean ± standard error of (base - row) on OOD cases, for every metric; how often the
-    base row is ahead. Differences this small against their error are noise, not a ranking."""
+def paired_table(
+    cases: list[dict[str, Any]], size: int, rows: Sequence[str], base: str = "evo_default"
+) -> str:
+    """Markdown: mean (base - row) on OOD cases with its 95% interval, for every metric, and how often the
+    base row is ahead on accuracy. A difference whose interval holds zero is a tie, not a ranking."""
     mine = [c for c in cases if c["pool"] == size and c["kind"] == "ood"]
     metrics = (("accuracy", 1), ("f1", 1), ("test_loss", 3), ("validation_loss", 3))
     head = "| row | accuracy | macro-F1 | test loss | validation loss | base row ahead (accuracy) |"
@@ -256,13 +274,32 @@ def paired(cases: list[dict[str, Any]], size: int, rows: Sequence[str], base: st
             continue
         cells = [ROWS[row]]
         for key, digits in metrics:
-            diffs = [c["rows"][base][key] - c["rows"][row][key] for c in mine]
-            error = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
-            cells.append(f"{statistics.fmean(diffs):+.{digits}f} ± {error:.{digits}f}")
+            diff = _paired.paired([c["rows"][base][key] - c["rows"][row][key] for c in mine], digits)
+            ci = diff["ci95"]
+            cells.append(
+                f"{diff['mean']:+.{digits}f}"
+                + ("" if ci is None else f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]")
+            )
         ahead = sum(c["rows"][base]["accuracy"] > c["rows"][row]["accuracy"] for c in mine)
         cells.append(f"{ahead} of {len(mine)}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def differences(cases: list[dict[str, Any]], size: int, rows: Sequence[str]) -> dict[str, Any]:
+    """The JSON line's paired accuracy differences on one pool's OOD cases (rows that ran)."""
+    mine = [c for c in cases if c["pool"] == size and c["kind"] == "ood"]
+    pairs = {
+        "evo_minus_lorahub": ("evo_default", "lorahub"),
+        "evo_equal_spend_minus_lorahub": ("evo_equal_spend", "lorahub"),
+        # What stage 1 buys: the two-stage search minus its "no denoising" ablation, the default.
+        "evo_minus_no_denoising": ("two_stage", "evo_default"),
+    }
+    out: dict[str, Any] = {}
+    for key, (a, b) in pairs.items():
+        if mine and a in rows and b in rows:
+            out[key] = _paired.paired([c["rows"][a]["accuracy"] - c["rows"][b]["accuracy"] for c in mine])
+    return out
 
 
 def role_means(cases: list[dict[str, Any]], size: int, row: str, key: str) -> dict[str, float]:
@@ -278,30 +315,43 @@ def role_means(cases: list[dict[str, Any]], size: int, row: str, key: str) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="pool 20, seed 0, three targets (< 60 s)")
+    parser.add_argument("--quick", action="store_true", help="pool 20, seed 0, two OOD targets (< 60 s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--pools", type=int, nargs="+", default=None)
-    parser.add_argument("--targets", nargs="+", default=None, help="target names (default: all)")
+    parser.add_argument(
+        "--targets", nargs="+", default=None, help="target names, or 'ood' for every OOD one (default: all)"
+    )
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--metric", choices=["accuracy", "f1"], default="accuracy")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
     parser.add_argument("--out", default=None, help="write every case as JSON here")
+    parser.add_argument(
+        "--world",
+        choices=["shared", "distinct"],
+        default="shared",
+        help="adapters' A initialisation: one shared (the default world) or each its own (as PEFT trains)",
+    )
     args = parser.parse_args()
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2, 3, 4])
     pools = args.pools or ([20] if args.quick else [20, 100])
     started = time.perf_counter()
-    repos = {s: build_repository(RepositoryConfig(seed=s)) for s in seeds}  # fill the build cache once
+    # Fill the build cache once.
+    repos = {s: build_repository(RepositoryConfig(seed=s, lora_init=args.world)) for s in seeds}
     all_targets = repos[seeds[0]].targets()
-    if args.targets:
+    if args.targets == ["ood"]:
+        targets = [t for t in all_targets if t.kind == "ood"]
+    elif args.targets:
         targets = [repos[seeds[0]].target(t) for t in args.targets]
     elif args.quick:
-        targets = [t for t in all_targets if t.kind == "ood"][:2] + [
-            t for t in all_targets if t.kind == "id"
-        ][:1]
+        targets = [t for t in all_targets if t.kind == "ood"][:2]
     else:
         targets = list(all_targets)
-    jobs = [(s, t.name, p, tuple(args.rows)) for p in pools for s in seeds for t in targets]
-    print(f"{len(jobs)} cases: pools {pools}, seeds {seeds}, targets {[t.name for t in targets]}", flush=True)
+    jobs = [(s, t.name, p, tuple(args.rows), args.world) for p in pools for s in seeds for t in targets]
+    print(
+        f"{len(jobs)} cases: {args.world}-A world, pools {pools}, seeds {seeds}, "
+        f"targets {[t.name for t in targets]}",
+        flush=True,
+    )
     cases: list[dict[str, Any]] = []
     kinds = {t.name: t.kind for t in all_targets}
 
@@ -331,17 +381,24 @@ def main() -> None:
         print(f"OOD averages of {other}, pool {size}: " + json.dumps(averages, separators=(",", ":")))
     for size in pools:
         print(f"\npool {size}, OOD targets: the default preset minus each row, paired by (seed, target)\n")
-        print(paired(cases, size, args.rows))
+        print(paired_table(cases, size, args.rows))
         if "evo_equal_spend" in args.rows:
             print(f"\npool {size}, OOD targets: the default at LoRAHub-style's spend minus each row\n")
-            print(paired(cases, size, args.rows, base="evo_equal_spend"))
+            print(paired_table(cases, size, args.rows, base="evo_equal_spend"))
     for size in pools:
-        for row in ("evo_default", "evo_paper"):
+        for row in ("evo_default", "evo_paper", "two_stage"):
             for coef in ("alpha_by_role", "beta_by_role"):
                 means = role_means(cases, size, row, coef)
                 print(f"{ROWS[row]}, pool {size}, mean {coef.replace('_', ' ')}: {means}")
     # The last line: each row's OOD average, over the pools when there are several.
-    summary = {row: round(statistics.fmean(p[row] for p in per_pool.values()), 2) for row in args.rows}
+    summary: dict[str, Any] = {
+        row: round(statistics.fmean(p[row] for p in per_pool.values()), 2) for row in args.rows
+    }
+    # Beside them, the paired accuracy differences per pool: mean, 95% interval, wins of OOD cases.
+    for size in pools:
+        for key, diff in differences(cases, size, args.rows).items():
+            summary.setdefault(key, {})[str(size)] = diff
+    summary["world"] = args.world
     print(
         f"\n{platform.machine()}, Python {platform.python_version()}, numpy {np.__version__}, {elapsed:.0f} s"
     )

@@ -10,7 +10,7 @@ import attrs
 import numpy as np
 import pytest
 
-from evomerge_sdk.engine import DEFAULT, Candidate, EvaluationContext, EvoMerge, Split, StopReason
+from evomerge_sdk.engine import Candidate, EvaluationContext, EvoMerge, Split, StopReason, preset
 from evomerge_sdk.errors import AuthenticationError, BudgetExceeded, ConfigError, InvalidRequest
 from evomerge_sdk.local import preset_id
 from evomerge_sdk.local.faults import FaultConfig, ServerLimits
@@ -21,11 +21,12 @@ from evomerge_sdk.scheduler import Budget, RetryPolicy, Scheduler
 from evomerge_sdk.service import MergeServiceClient
 
 PRESET = preset_id("ood:ner/news", 5)
-assert DEFAULT.denoise is not None and DEFAULT.scale is not None
+TWO_STAGE = preset("two-stage")  # both stages, so the service sees each
+assert TWO_STAGE.denoise is not None and TWO_STAGE.scale is not None
 SMALL_SEARCH = attrs.evolve(
-    DEFAULT,
-    denoise=attrs.evolve(DEFAULT.denoise, max_evaluations=30, popsize=6),
-    scale=attrs.evolve(DEFAULT.scale, max_evaluations=60, popsize=6),
+    TWO_STAGE,
+    denoise=attrs.evolve(TWO_STAGE.denoise, max_evaluations=30, popsize=6),
+    scale=attrs.evolve(TWO_STAGE.scale, max_evaluations=60, popsize=6),
 )
 
 

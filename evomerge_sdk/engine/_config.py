@@ -258,45 +258,52 @@ PAPER = SearchConfig(
 early stopping; 5 generations is this SDK's reading. Drop it with `attrs.evolve(PAPER, early_stopping=None)`
 when the objective has no held-out split."""
 
-DEFAULT = SearchConfig(
-    name="default",
+_SCALE = StageConfig(
+    start="1/N",
+    sigma=0.07,
+    sigma_scaling="sqrt",
+    lower=-1.5,
+    upper=1.5,
+    popsize=20,
+    max_evaluations=900,
+    penalty=0.05,
+    diagonal="auto",
+    batch_size=20,
+    rescore_every=10,
+)
+
+TWO_STAGE = SearchConfig(
+    name="two-stage",
     denoise=StageConfig(
         start=1.0,
         sigma=0.2,
         lower=0.0,
         upper=1.0,
         popsize=20,
-        max_evaluations=140,
+        max_evaluations=80,
         penalty=0.05,
         diagonal="auto",
-        batch_size=30,
+        batch_size=20,
         rescore_every=10,
     ),
-    scale=StageConfig(
-        start="1/N",
-        sigma=0.07,
-        sigma_scaling="sqrt",
-        lower=-1.5,
-        upper=1.5,
-        popsize=20,
-        max_evaluations=1260,
-        penalty=0.05,
-        diagonal="auto",
-        batch_size=30,
-        rescore_every=10,
-    ),
+    scale=attrs.evolve(_SCALE, max_evaluations=820),
 )
-"""This SDK's search: the paper's two stages for under a quarter of the paper protocol's queries, at a lower
-validation loss (`benchmarks/cost.py`). Every generation scores its 20 candidates on one fresh minibatch of
-30 of the 300 examples (common random numbers keep the ranking CMA needs), so 1,400 evaluations cost
-42,000 example queries; every 10th generation and at the end of a stage the CMA mean is scored on the
-whole split and the best such merge is kept (8 times 300 more), since a minibatch winner's loss is biased.
-The paper protocol spends 360,000 (about 200,000 when its held-out early stopping fires). Stage 2 gets 90%
-of the budget and a step size shrinking as 1/sqrt(N) (a merge's effect grows with the number of models it
-sums: 0.07 at 20 models, 0.031 at 100), with sep-CMA-ES from 40 models on. Stage 1 keeps 10%: in the
-embedded repository denoising neither pays nor costs measurably (every hub adapter shares one A
-initialisation), while the paper measured it paying on real LoRA hubs. No held-out early stopping: on 100
-examples it stopped searches early at a clear loss in quality for few queries saved (see the cost notes)."""
+"""The paper's two stages at the default's spend: stage 1 (denoising, alpha with beta = 1/N) gets 80 of
+the 900 minibatch evaluations, stage 2 the rest. Kept to measure what denoising buys: over cases it buys
+nothing here (`benchmarks/quality.py`, `evo_minus_no_denoising`), so `DEFAULT` has no stage 1."""
+
+DEFAULT = SearchConfig(name="default", denoise=None, scale=_SCALE)
+"""This SDK's search: the paper's scaling stage (beta, signed, alpha = 1) for under a tenth of the paper
+protocol's queries, at a lower validation loss (`benchmarks/cost.py`). Every generation scores its 20
+candidates on one fresh minibatch of 20 of the 300 examples (common random numbers keep the ranking CMA
+needs), so 900 evaluations cost 18,000 example queries; every 10th generation and at the end the CMA mean is
+scored on the whole split and the best such merge is kept (5 times 300 more), since a minibatch winner's
+loss is biased. The paper protocol spends 360,000 (about 215,000 when its held-out early stopping fires).
+The step size shrinks as 1/sqrt(N) (a merge's effect grows with the number of models it sums: 0.07 at 20
+models, 0.031 at 100), with sep-CMA-ES from 40 models on. No stage 1: measured over cases, in worlds whose
+adapters share one A initialisation and in worlds where each has its own, no denoising variant paid
+(`TWO_STAGE` keeps the paper's). No held-out early stopping: on 100 examples it stopped searches early at a
+clear loss in quality for few queries saved (see the cost notes)."""
 
 LORAHUB = SearchConfig(
     name="lorahub",
@@ -338,16 +345,23 @@ PRESETS: dict[str, SearchConfig] = {
     "paper": PAPER,
     "default": DEFAULT,
     "lorahub": LORAHUB,
+    "two-stage": TWO_STAGE,
     **{f"paper/{k}": v for k, v in ablations(PAPER).items()},
-    **{f"default/{k}": v for k, v in ablations(DEFAULT, keep_budget=True).items()},
+    **{f"two-stage/{k}": v for k, v in ablations(TWO_STAGE, keep_budget=True).items()},
+    # The default has no stage 1: its "no denoising" is itself (the name kept for existing callers).
+    "default/no_denoising": attrs.evolve(DEFAULT, name="default/no_denoising"),
+    "default/no_negative_betas": attrs.evolve(
+        DEFAULT, name="default/no_negative_betas", scale=attrs.evolve(_SCALE, lower=0.0)
+    ),
 }
 
 
 def preset(name: str) -> SearchConfig:
-    """A preset by name: 'paper', 'default', 'lorahub', 'paper/no_denoising', 'default/no_scaling', ...
+    """A preset by name: 'paper', 'default', 'lorahub', 'two-stage', 'paper/no_denoising',
+    'two-stage/no_scaling', 'default/no_negative_betas', ...
 
-    The paper's ablations drop a stage with its budget, as the paper's did; the default's keep the full
-    budget (the dropped stage's evaluations go to the kept one), so they compare at equal cost."""
+    The paper's ablations drop a stage with its budget, as the paper's did; the two-stage search's keep the
+    full budget (the dropped stage's evaluations go to the kept one), so they compare at equal cost."""
     try:
         return PRESETS[name]
     except (KeyError, TypeError):  # TypeError: an unhashable name

@@ -25,6 +25,7 @@ from evomerge_sdk.engine import (
     StopReason,
     fit_to_queries,
     planned_queries,
+    preset,
 )
 from evomerge_sdk.errors import ConfigError
 from evomerge_sdk.testing import SyntheticPool
@@ -54,8 +55,8 @@ def spent(config: SearchConfig, n: int = N) -> int:
 
 
 def test_presets_plan_what_the_benchmarks_count() -> None:
-    # 1,400 minibatch evaluations of 30 and 8 re-scorings of the mean (the quality table's 44,400).
-    assert planned_queries(DEFAULT, 20, 300) == 70 * 20 * 30 + 8 * 300
+    # 900 minibatch evaluations of 20 and 5 re-scorings of the mean (the quality table's 19,500).
+    assert planned_queries(DEFAULT, 20, 300) == 45 * 20 * 20 + 5 * 300
     assert planned_queries(LORAHUB, 20, 300) == 800 * 300
     # The paper protocol: 1,200 full evaluations, plus at most one held-out check per generation.
     assert planned_queries(PAPER, 20, 300) == 1200 * 300
@@ -101,19 +102,20 @@ def test_a_search_never_spends_more_than_planned(data: st.DataObject, early: boo
 @pytest.mark.parametrize("n", [20, 100])
 @pytest.mark.parametrize("budget", [20_000, 90_000, 240_000, 1_000_000])
 def test_fit_to_queries_fills_the_budget_and_keeps_the_preset_shape(n: int, budget: int) -> None:
-    fitted = fit_to_queries(DEFAULT, n, 300, budget)
+    two = preset("two-stage")
+    fitted = fit_to_queries(two, n, 300, budget)
     plan = planned_queries(fitted, n, 300)
     assert plan <= budget
     assert plan > 0.9 * budget  # within a generation or two of the budget
     assert fitted.denoise is not None and fitted.scale is not None
-    assert DEFAULT.denoise is not None and DEFAULT.scale is not None
-    # Everything but the evaluation counts is the preset's; the stages keep their share (9:1).
-    for mine, theirs in ((fitted.denoise, DEFAULT.denoise), (fitted.scale, DEFAULT.scale)):
+    assert two.denoise is not None and two.scale is not None
+    # Everything but the evaluation counts is the preset's; the stages keep their share (about 9:1).
+    for mine, theirs in ((fitted.denoise, two.denoise), (fitted.scale, two.scale)):
         assert attrs.evolve(mine, max_evaluations=theirs.max_evaluations) == theirs
         assert mine.max_evaluations % 20 == 0
     share = fitted.scale.max_evaluations / (fitted.denoise.max_evaluations + fitted.scale.max_evaluations)
     assert share == pytest.approx(0.9, abs=0.03)
-    assert attrs.evolve(fitted, denoise=DEFAULT.denoise, scale=DEFAULT.scale) == DEFAULT
+    assert attrs.evolve(fitted, denoise=two.denoise, scale=two.scale) == two
 
 
 def test_fit_to_queries_runs_within_its_plan() -> None:
@@ -129,7 +131,7 @@ def test_budgets_too_small_for_one_generation_and_bad_sizes_are_config_errors() 
     with pytest.raises(ConfigError, match="stage 'scale': max_evaluations=5 does not pay"):
         EvoMerge(CountingObjective(N), N, attrs.evolve(DEFAULT, scale=no_popsize))
     with pytest.raises(ConfigError, match="do not pay for one generation per stage"):
-        fit_to_queries(DEFAULT, 20, 300, 1_000)
+        fit_to_queries(DEFAULT, 20, 300, 600)  # one generation of 20 x 20 and the mean's 300
     with pytest.raises(ConfigError, match="examples"):
         planned_queries(DEFAULT, 20, 0)
     with pytest.raises(ConfigError, match="held_out"):
