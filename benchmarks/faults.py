@@ -31,7 +31,7 @@ import attrs
 import numpy as np
 import structlog
 
-from evomerge_sdk.engine import DEFAULT, EvoMerge, SearchConfig, SearchResult
+from evomerge_sdk.engine import EvoMerge, SearchConfig, SearchResult, preset
 from evomerge_sdk.local import preset_id
 from evomerge_sdk.local.faults import FaultConfig
 from evomerge_sdk.local.repository import Repository, build_repository
@@ -60,12 +60,14 @@ def issue_faults(seed: int) -> FaultConfig:
 
 
 def search_config(evaluations: int) -> SearchConfig:
-    """DEFAULT with `evaluations` split 1:2 between the stages, no early stopping (a fixed amount of work)."""
-    assert DEFAULT.denoise is not None and DEFAULT.scale is not None
+    """The two-stage preset with `evaluations` split 1:2 between the stages, no early stopping (a fixed
+    amount of work, and both stages exercised)."""
+    two = preset("two-stage")
+    assert two.denoise is not None and two.scale is not None
     return attrs.evolve(
-        DEFAULT,
-        denoise=attrs.evolve(DEFAULT.denoise, max_evaluations=evaluations // 3),
-        scale=attrs.evolve(DEFAULT.scale, max_evaluations=evaluations - evaluations // 3),
+        two,
+        denoise=attrs.evolve(two.denoise, max_evaluations=evaluations // 3),
+        scale=attrs.evolve(two.scale, max_evaluations=evaluations - evaluations // 3),
         early_stopping=None,
         seed=7,
     )

@@ -46,6 +46,7 @@ from evomerge_sdk.engine import (
     SearchConfig,
     ablations,
     best_single,
+    preset,
     uniform_merge,
 )
 from evomerge_sdk.local import whitebox
@@ -65,7 +66,7 @@ METHODS = (
     "paper/no_scaling",
     "paper/no_negative_betas",
     "evo_default",
-    "default/no_denoising",
+    "two-stage",
     "default/no_negative_betas",
 )
 
@@ -140,8 +141,8 @@ async def run_case(
     searches["evo_default"] = DEFAULT
     if not quick:
         searches |= {f"paper/{k}": v for k, v in ablations(PAPER).items()}
-        ablated = ablations(DEFAULT)
-        searches |= {f"default/{k}": ablated[k] for k in ("no_denoising", "no_negative_betas")}
+        # The default has no stage 1; "two-stage" puts the paper's in front, at the same budget.
+        searches |= {name: preset(name) for name in ("two-stage", "default/no_negative_betas")}
     for name, config in searches.items():
         result = await EvoMerge(objective, n, attrs.evolve(config, seed=seed)).run()
         extra: dict[str, Any] = {}

@@ -1,9 +1,9 @@
 """Output space: which search to run on cached answer scores (DESIGN 1.2), over many cases.
 
 `evomerge demo --mode output` runs one case through the OpenAI-compatible route. This benchmark asks the
-question behind its table over seeds x OOD targets: on the same cached scores, how do the two-stage
-default search, its no-denoising ablation (all evaluations to stage 2, alpha = 1), the paper protocol and
-the LoRAHub-style search compare? The scores are the embedded repository's exact next-token
+question behind its table over seeds x OOD targets: on the same cached scores, how do the default search
+(stage 2 only, alpha = 1), the two-stage search (the paper's stage 1 in front, same evaluations), the paper
+protocol and the LoRAHub-style search compare? The scores are the embedded repository's exact next-token
 log-probabilities of the answer options (what the chat route's `top_logprobs` carries when every option
 is in the top 20), for the base model (the reference) and every pool adapter. Every search scores every
 candidate on all validation examples (the scores are cached: a query costs nothing), as the demo does.
@@ -44,8 +44,8 @@ def _whole_split(config: SearchConfig) -> SearchConfig:
 
 ROWS: dict[str, str] = {
     "lorahub": "LoRAHub-style (800 evaluations)",
-    "default": "default (two stages, 140 + 1,260; the demo's)",
-    "default/no_denoising": "default/no_denoising (stage 2 only, 1,400)",
+    "default": "default (stage 2 only, 900; the demo's)",
+    "two-stage": "two-stage (80 + 820)",
     "paper": "paper protocol (400 + 800)",
 }
 

@@ -23,12 +23,8 @@ from evomerge_sdk.local import LocalService
 async def main(max_evaluations: int = 200, reference_only: bool = False) -> float:
     """Search one out-of-domain pool of 5 adapters; return the best validation loss. `reference_only`
     makes the embedded service answer as the authors' reference service does."""
-    assert DEFAULT.denoise is not None and DEFAULT.scale is not None
-    config = attrs.evolve(
-        DEFAULT,
-        denoise=attrs.evolve(DEFAULT.denoise, max_evaluations=max_evaluations // 2),
-        scale=attrs.evolve(DEFAULT.scale, max_evaluations=max_evaluations // 2),
-    )
+    assert DEFAULT.scale is not None  # the default is one stage: beta, on minibatches
+    config = attrs.evolve(DEFAULT, scale=attrs.evolve(DEFAULT.scale, max_evaluations=max_evaluations))
     async with (
         LocalService(reference_only=reference_only) as service,
         Scheduler(budget=Budget(tokens=2_000_000)) as scheduler,

@@ -184,6 +184,11 @@ def run(args: argparse.Namespace) -> int:
     title = _title(result.target, len(result.pool), config)
     console.print(_rows_table(title, caption, result.rows))
     console.print(verdict(result.rows))
+    console.print(
+        f"World fingerprint {result.document['world_fingerprint']}: the embedded repository this machine "
+        "built; BLAS kernels differ between CPUs, so single-case numbers compare only between equal "
+        "fingerprints."
+    )
     where = [str(result.result_path)] + ([str(result.plot_path)] if result.plot_path else [])
     console.print("Wrote " + " and ".join(where))
     return 0

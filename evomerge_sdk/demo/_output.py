@@ -6,7 +6,7 @@ adapter (`evomerge_openai`, found by its entry point) and the `Scheduler`:
 
 1. scoring pass: every pool adapter and the reference ("base") answers each validation and held-out
    prompt once (`max_tokens=1`, `logprobs`, `top_logprobs=20`), cached;
-2. search: the two-stage search on the cached score tensor (`OutputSpaceObjective`): no query at all;
+2. search: the default search on the cached score tensor (`OutputSpaceObjective`): no query at all;
 3. baselines on the same cached scores: best single adapter (by validation accuracy), uniform (the pool
    mean), the base model, a LoRAHub-style one-stage search;
 4. test: every model answers the target's test prompts once; each row's test accuracy and macro-F1.

@@ -4,7 +4,7 @@
 embedded merge service on a free loopback port, and scores, on an out-of-domain target of a stratified
 pool, every row of the comparison through the service:
 
-* Evo-Merging: the two-stage search (`DEFAULT`, or the preset `DemoConfig.preset` names), sized to the
+* Evo-Merging: the default search (`DEFAULT`, or the preset `DemoConfig.preset` names), sized to the
   LoRAHub-style row's spend so the two searches compare at equal cost, under a hard token budget;
 * best single adapter (chosen on validation), uniform merge, Task Arithmetic (a lambda grid), and a
   LoRAHub-style single-stage search (800 full validation passes), all black-box through the same
@@ -51,9 +51,11 @@ from ..engine._planning import fit_to_queries
 from ..engine._search import EvoMerge, Progress, SearchResult
 from ..errors import ConfigError
 from ..local import whitebox
+from ..local.model import ModelWeights
 from ..local.repository import Repository, RepositoryConfig, Target, build_repository
 from ..local.repository_backend import preset_id
 from ..local.server import LocalService
+from ..local.tasks import Examples
 from ..objectives.output import ScoringProgress
 from ..objectives.service import ServiceObjective
 from ..scheduler import Budget, MetricsSnapshot, Scheduler
@@ -64,6 +66,7 @@ from ._result import (
     RESULT_FORMAT,
     CurvePoint,
     DemoRow,
+    judge,
     write_plot,
 )
 
@@ -342,7 +345,9 @@ async def run_demo_async(config: DemoConfig, reporter: Reporter | None = None) -
                 name: str, result: SearchResult, spend: tuple[int, int, int], **extra: Any
             ) -> DemoRow:
                 ev = await measure.evaluate(sessions["test"], result.alpha, result.beta)
+                merged = await anyio.to_thread.run_sync(repository.merge, pool, result.alpha, result.beta)
                 return DemoRow(
+                    correct=await anyio.to_thread.run_sync(_correct, repository, merged, target.test),
                     name=name,
                     test_accuracy=float(ev.accuracy or 0.0),
                     test_macro_f1=float(ev.macro_f1 or 0.0),
@@ -440,6 +445,9 @@ async def run_demo_async(config: DemoConfig, reporter: Reporter | None = None) -
                         tokens=grid * per_eval,
                         whitebox=True,
                         params=dict(tuned.params),
+                        correct=await anyio.to_thread.run_sync(
+                            _correct, repository, tuned.weights, target.test
+                        ),
                     )
                 )
 
@@ -463,7 +471,10 @@ async def run_demo_async(config: DemoConfig, reporter: Reporter | None = None) -
             )
     timings["total_seconds"] = time.perf_counter() - started
     rows_t = tuple(rows)
-    document = _document(config, search_config, target, pool, rows_t, evo, hub, Path(materialized.path).name)
+    fingerprint = await anyio.to_thread.run_sync(repository.fingerprint)
+    document = _document(
+        config, search_config, target, pool, rows_t, evo, hub, Path(materialized.path).name, fingerprint
+    )
     document["timing"] = {k: round(v, 3) for k, v in timings.items()}
     result_path = out / "result.json"
     await anyio.to_thread.run_sync(write_json_atomic, result_path, document)
@@ -491,6 +502,13 @@ def run_demo(config: DemoConfig | None = None, reporter: Reporter | None = None)
     return anyio.run(run_demo_async, config or DemoConfig(), reporter)
 
 
+def _correct(repository: Repository, weights: ModelWeights, examples: Examples) -> str:
+    """Per test prompt, "1" where the merged model's most likely answer is right: what the verdict pairs."""
+    scores = repository.answer_logprobs(weights, examples)
+    predicted = examples.answer_ids[np.argmax(scores, axis=1)]
+    return "".join("1" if ok else "0" for ok in predicted == examples.labels)
+
+
 def _document(
     config: DemoConfig,
     search_config: SearchConfig,
@@ -500,8 +518,10 @@ def _document(
     evo: SearchResult,
     hub: SearchResult,
     materialized: str,
+    fingerprint: str,
 ) -> dict[str, Any]:
     best = max(rows, key=lambda r: r.test_accuracy)
+    judged = judge(rows)
     import aiohttp
 
     return {
@@ -515,8 +535,10 @@ def _document(
         "pool": list(pool),
         "rows": [r.to_dict() for r in rows],
         "best_row": best.name,
-        "evo_merging_beats_every_row": best.name == EVO
-        and all(best.test_accuracy > r.test_accuracy for r in rows if r.name != EVO),
+        # A win only when this case's own paired interval says so (see `judge`).
+        "evo_merging_beats_every_row": judged.outcome == "win",
+        "verdict": judged.to_dict(),
+        "world_fingerprint": fingerprint,
         "evo_merging": evo.to_dict(),
         "lorahub": hub.to_dict(),
         "materialized": materialized,

@@ -18,11 +18,14 @@ if TYPE_CHECKING:
 __all__ = [
     "EVO",
     "LORAHUB_ROW",
+    "MULTI_CASE",
     "RESULT_FORMAT",
     "CurvePoint",
     "DemoRow",
+    "Verdict",
     "document_without_timing",
     "format_table",
+    "judge",
     "load_result",
     "verdict",
     "write_plot",
@@ -60,6 +63,9 @@ class DemoRow:
     params: Mapping[str, float] = attrs.field(factory=dict)
     cache_hits: int = 0
     stop_reason: str | None = None
+    correct: str | None = None
+    """Per test prompt, in order, "1" where the row's answer is right and "0" where it is wrong: what the
+    verdict pairs rows on."""
 
     def to_dict(self) -> dict[str, Any]:
         """A strict-JSON dict."""
@@ -79,20 +85,97 @@ class DemoRow:
             "beta": None if self.beta is None else list(self.beta),
             "params": dict(self.params),
             "stop_reason": self.stop_reason,
+            "correct": self.correct,
         }
 
 
-def verdict(rows: Sequence[DemoRow]) -> str:
-    """How Evo-Merging fares against the best other row, on test accuracy and on test macro-F1."""
+MULTI_CASE = (
+    "over 20 cases (5 seeds x 4 out-of-domain targets, pool 20, `python benchmarks/quality.py`), "
+    "Evo-Merging at LoRAHub-style's spend minus LoRAHub-style is {equal} points of test accuracy"
+)
+"""What one case cannot say: the multi-case result the demo quotes for a tie (benchmarks/RESULTS.md)."""
+
+
+@attrs.frozen
+class Verdict:
+    """Evo-Merging against the strongest other row of one case, paired over its test prompts.
+
+    `outcome` is "win" only when the 95% interval of Evo-Merging minus *every* other row lies above zero,
+    "behind" when the interval against the strongest row lies below zero, and "tie" otherwise (also
+    when the rows carry no per-prompt results to pair). Differences and intervals are in points.
+    """
+
+    outcome: str
+    rival: str
+    difference: float
+    low: float
+    high: float
+    prompts: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """A strict-JSON dict."""
+        finite = math.isfinite(self.low) and math.isfinite(self.high)
+        return {
+            "outcome": self.outcome,
+            "rival": self.rival,
+            "difference_points": round(self.difference, 2),
+            "ci95_points": [round(self.low, 2), round(self.high, 2)] if finite else None,
+            "test_prompts": self.prompts,
+        }
+
+
+def paired_interval(mine: str, theirs: str) -> tuple[float, float, float]:
+    """Mean and 95% interval (normal, over prompts) of the per-prompt accuracy difference, in points."""
+    if len(mine) != len(theirs) or not mine:
+        return math.nan, -math.inf, math.inf
+    diffs = [int(a) - int(b) for a, b in zip(mine, theirs, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else math.inf
+    half = 1.96 * math.sqrt(var / n)
+    return 100 * mean, 100 * (mean - half), 100 * (mean + half)
+
+
+def judge(rows: Sequence[DemoRow]) -> Verdict:
+    """Evo-Merging's verdict on this case (see `Verdict`): a single case claims a win only when its own
+    paired interval supports it; its ranking is otherwise noise, and differs between CPUs."""
     evo = next(r for r in rows if r.name == EVO)
     others = [r for r in rows if r.name != EVO]
-    parts = []
-    for metric, label in (("test_accuracy", "test accuracy"), ("test_macro_f1", "test macro-F1")):
-        rival = max(others, key=lambda r: float(getattr(r, metric)))
-        mine, theirs = 100 * float(getattr(evo, metric)), 100 * float(getattr(rival, metric))
-        word = "beats every other row" if mine > theirs else "does NOT beat every other row"
-        parts.append(f"{word} on {label} ({mine:.1f} vs {theirs:.1f}, {rival.name})")
-    return f"{EVO} " + "; it ".join(parts) + "."
+    rival = max(others, key=lambda r: r.test_accuracy)
+    intervals = {r.name: paired_interval(evo.correct or "", r.correct or "") for r in others}
+    diff, low, high = intervals[rival.name]
+    if not math.isfinite(diff):  # nothing to pair: report the raw difference and call it a tie
+        diff = 100 * (evo.test_accuracy - rival.test_accuracy)
+    if all(lo > 0 for _, lo, _ in intervals.values()):
+        outcome = "win"
+    elif high < 0:
+        outcome = "behind"
+    else:
+        outcome = "tie"
+    return Verdict(outcome, rival.name, diff, low, high, len(evo.correct or ""))
+
+
+def verdict(rows: Sequence[DemoRow], multi_case: str = "") -> str:
+    """The demo's verdict in words: a win or a loss only when this case's paired interval excludes zero;
+    otherwise a tie, with the multi-case result quoted (`multi_case`, default `MULTI_CASE`)."""
+    v = judge(rows)
+    evo = next(r for r in rows if r.name == EVO)
+    rival = next(r for r in rows if r.name == v.rival)
+    scores = f"{100 * evo.test_accuracy:.1f} vs {100 * rival.test_accuracy:.1f} test accuracy ({v.rival})"
+    interval = (
+        f"paired 95% interval of the difference [{v.low:+.1f}, {v.high:+.1f}] points over {v.prompts} "
+        "test prompts"
+        if math.isfinite(v.low) and math.isfinite(v.high)
+        else "no per-prompt results to pair"
+    )
+    if v.outcome == "win":
+        return f"{EVO} beats every other row in this case: {scores}; {interval}, above zero against each."
+    if v.outcome == "behind":
+        return f"{EVO} is behind {v.rival} in this case: {scores}; {interval}, below zero."
+    return (
+        f"This case is a tie: {EVO} {scores}, {v.difference:+.1f} points; {interval} holds zero. One case "
+        f"cannot rank them (and single-case numbers differ between CPUs); {multi_case or MULTI_CASE}."
+    )
 
 
 def format_table(rows: Sequence[DemoRow]) -> str:

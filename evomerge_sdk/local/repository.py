@@ -294,6 +294,23 @@ class Repository:
         b = tuple(x[i].copy() for x in self._b)
         return LoraAdapter(name, (a[0], a[1], a[2]), (b[0], b[1], b[2]), self.config.scale)
 
+    def fingerprint(self) -> str:
+        """A short hash of every weight (base and adapters) and of every target's examples.
+
+        The same config builds bitwise the same repository on one machine, but BLAS kernels differ between
+        CPUs and training amplifies their last-bit differences, so two machines can build different worlds
+        from the same seed. Equal fingerprints mean two results were measured on the same world."""
+        digest = hashlib.sha256(self.config.key().encode())
+        for name in ("embedding", "w1", "b1", "w2", "b2", "w3", "b3"):
+            digest.update(np.ascontiguousarray(getattr(self.base, name), dtype=np.float32).tobytes())
+        for stack in (*self._a, *self._b):
+            digest.update(np.ascontiguousarray(stack, dtype=np.float32).tobytes())
+        for target in self._targets:
+            for split in (target.validation, target.holdout, target.test):
+                digest.update(np.ascontiguousarray(split.ids).tobytes())
+                digest.update(np.ascontiguousarray(split.labels).tobytes())
+        return digest.hexdigest()[:16]
+
     def targets(self) -> tuple[Target, ...]:
         """All targets: out-of-domain ones first."""
         return self._targets

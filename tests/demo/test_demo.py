@@ -54,8 +54,9 @@ def test_cli_quick_demo_writes_the_table_the_json_and_the_png(cli_run: tuple[int
     assert status == 0
     for row in ROWS:
         assert row in stdout
-    assert "on test accuracy (" in stdout and "on test macro-F1 (" in stdout
-    assert f"{EVO}: two-stage search (default preset), sized to the same spend, seed 0" in stdout
+    # The verdict is a win only when this case's own paired interval says so; otherwise a tie.
+    assert "test accuracy (" in stdout and "points over 1000 test prompts" in stdout
+    assert f"{EVO}: one-stage search (default preset), sized to the same spend, seed 0" in stdout
     result = load_result(out / "result.json")
     assert [r["name"] for r in result["rows"]] == ROWS
     assert result["seed"] == 0 and result["config"]["quick"] is True
@@ -67,6 +68,16 @@ def test_cli_quick_demo_writes_the_table_the_json_and_the_png(cli_run: tuple[int
     png = (out / "convergence.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     assert (out / result["materialized"]).exists()
+    verdict = result["verdict"]
+    assert verdict["outcome"] in ("win", "tie", "behind") and verdict["test_prompts"] == 1000
+    low, high = verdict["ci95_points"]
+    assert low <= verdict["difference_points"] <= high
+    assert result["evo_merging_beats_every_row"] == (verdict["outcome"] == "win")
+    if verdict["outcome"] == "tie":
+        assert "This case is a tie" in stdout and "over 20 cases" in stdout
+    assert len(evo["correct"]) == 1000 and set(evo["correct"]) <= {"0", "1"}
+    assert evo["correct"].count("1") == round(1000 * evo["test"]["accuracy"])
+    assert f"World fingerprint {result['world_fingerprint']}" in stdout
 
 
 def test_the_progress_line_names_the_search_it_runs() -> None:

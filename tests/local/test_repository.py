@@ -34,9 +34,13 @@ def cache_files(folder: Path) -> list[Path]:
 
 
 def test_same_seed_gives_bitwise_identical_weights(repo: Repository) -> None:
-    assert_same_weights(repo, build_repository(SMALL, use_cache=False))
+    again = build_repository(SMALL, use_cache=False)
+    assert_same_weights(repo, again)
     other = build_repository(RepositoryConfig.small(seed=1), use_cache=False)
     assert not np.array_equal(other.base.w1, repo.base.w1)
+    # The fingerprint names the world: equal for the same build, different for another one.
+    assert repo.fingerprint() == again.fingerprint() != other.fingerprint()
+    assert len(repo.fingerprint()) == 16
 
 
 def test_cache_round_trip_is_private_and_skips_training(
