@@ -350,23 +350,7 @@ class HTTPClient:
     ) -> ProviderError:
         status = answer.status
         text = self.redact(f"{self.provider} answered {status}: {message}")
-        # Anthropic (and OpenAI) send `x-should-retry: false` when a retry cannot succeed.
-        never_retry = never_retry or answer.headers.get("x-should-retry") == "false"
-        err: ProviderError
-        if status == 429 and not never_retry:
-            err = RateLimited(text, retry_after=retry_after_seconds(answer.headers))
-        elif status == 429:
-            err = InvalidRequest(f"{text} (a spend limit or quota: not retried)", status=status)
-        elif status in (401, 403):
-            err = AuthenticationError(text, status=status)
-        elif status == 408:
-            err = RequestTimeout(text, status=status)
-        elif status >= 500:
-            err = ServerError(text, status=status)
-        elif status >= 400:
-            err = InvalidRequest(text, status=status)
-        else:
-            err = BadResponse(f"{text} (unexpected status)", status=status)
+        err = error_for_status(status, text, answer.headers, never_retry=never_retry)
         err.rate_limits = rate_limits
         log.debug("provider.error", provider=self.provider, status=status, error=type(err).__name__)
         return err
@@ -377,6 +361,28 @@ class HTTPClient:
         if self._owned and self._session is not None:
             await self._session.close()
         self._session = None
+
+
+def error_for_status(
+    status: int, text: str, headers: Mapping[str, str], *, never_retry: bool = False
+) -> ProviderError:
+    """The SDK error for an HTTP error status: what the scheduler retries (429, 408, 5xx) and what it
+    never does (401/403, other 4xx, a 429 that is a spend limit: `never_retry`, or the API's
+    `x-should-retry: false`, which Anthropic and OpenAI send when a retry cannot succeed)."""
+    never_retry = never_retry or headers.get("x-should-retry") == "false"
+    if status == 429 and not never_retry:
+        return RateLimited(text, retry_after=retry_after_seconds(headers))
+    if status == 429:
+        return InvalidRequest(f"{text} (a spend limit or quota: not retried)", status=status)
+    if status in (401, 403):
+        return AuthenticationError(text, status=status)
+    if status == 408:
+        return RequestTimeout(text, status=status)
+    if status >= 500:
+        return ServerError(text, status=status)
+    if status >= 400:
+        return InvalidRequest(text, status=status)
+    return BadResponse(f"{text} (unexpected status)", status=status)
 
 
 class SessionOwner:

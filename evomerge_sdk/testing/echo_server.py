@@ -34,23 +34,19 @@ from aiohttp import web
 from .._checks import is_int
 from .._io import canonical_json
 from ..errors import (
-    AuthenticationError,
     BadResponse,
     ConfigError,
     ConnectionFailed,
-    InvalidRequest,
     ProviderError,
-    RateLimited,
     RequestTimeout,
-    ServerError,
 )
 from ..http import (
     AppServer,
     bearer_matches,
     check_base_url,
+    error_for_status,
     is_loopback,
     parse_openai_rate_limits,
-    retry_after_seconds,
     until_terminated,
 )
 from ..http.wire import chat_logprobs, chat_usage
@@ -352,19 +348,9 @@ def _error(
         message = str(json.loads(raw)["error"]["message"])
     except (ValueError, KeyError, TypeError):
         message = raw[:200].decode("utf-8", "replace")
-    text = f"{name} answered {status}: {message}"
-    if status == 429:
-        return RateLimited(text, retry_after=retry_after_seconds(headers), rate_limits=limits)
-    kind: type[ProviderError] = (
-        AuthenticationError
-        if status in (401, 403)
-        else RequestTimeout
-        if status == 408
-        else ServerError
-        if status >= 500
-        else InvalidRequest
-    )
-    return kind(text, status=status, rate_limits=limits)
+    err = error_for_status(status, f"{name} answered {status}: {message}", headers)
+    err.rate_limits = limits
+    return err
 
 
 def _parse_logprobs(value: Any) -> tuple[TokenLogprob, ...] | None:
