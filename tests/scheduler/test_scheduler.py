@@ -342,7 +342,9 @@ async def test_cancelling_callers_releases_everything() -> None:
 
 @pytest.mark.anyio
 async def test_a_cancelled_leader_hands_over_to_a_waiting_duplicate() -> None:
-    async with echo(faults=FaultConfig(latency=0.2)) as (server, provider), Scheduler() as s:
+    # The leader's request sits at the server (a latency no test outlives) until it is cancelled; the
+    # order of events is waited for, never slept for, so a busy machine cannot reorder it.
+    async with echo(faults=FaultConfig(latency=600)) as (server, provider), Scheduler() as s:
         got: list[str] = []
 
         async def follower() -> None:
@@ -356,9 +358,13 @@ async def test_a_cancelled_leader_hands_over_to_a_waiting_duplicate() -> None:
                     await s.complete(provider, req("dup"))
 
             tg.start_soon(lead)
-            await anyio.sleep(0.05)
+            with anyio.fail_after(10):
+                while server.stats.requests < 1:  # noqa: ASYNC110 - the server counts, it signals nothing
+                    await anyio.sleep(0.005)
+            server.injector.faults = FaultConfig()  # a request sent from now on is answered at once
             tg.start_soon(follower)
-            await anyio.sleep(0.05)
+            await anyio.wait_all_tasks_blocked()  # the follower waits for the leader's flight
+            assert not got
             leader.cancel()
         assert got == ["echo: question dup"]
         assert server.stats.served_requests == 1  # the leader's request was abandoned, not served

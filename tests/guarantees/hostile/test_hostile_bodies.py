@@ -70,9 +70,21 @@ async def test_anthropic_has_its_own_smaller_cap() -> None:
 
 async def test_a_big_answer_under_the_cap_stalls_the_loop_boundedly_and_the_timeout_fires() -> None:
     body = padded({"model": MODEL}, 15 * MiB)  # built once, before the loop is watched
+    pieces = 16
 
     async def handler(request: web.Request, server: Hostile) -> web.StreamResponse:
-        return web.Response(body=body, content_type="application/json")
+        # Sent with its Content-Length in paced pieces: the transfer lasts at least 0.15 s, three times
+        # the timeout, however fast this machine reads loopback. Sent at once, a 15 MiB answer is read
+        # in 20-50 ms, so a 0.05 s deadline could fall in the parse, which no timeout can interrupt.
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        step = -(-len(body) // pieces)
+        for start in range(0, len(body), step):
+            if start:
+                await anyio.sleep(0.01)
+            await response.write(body[start : start + step])
+        return response
 
     gaps: list[float] = []
 
