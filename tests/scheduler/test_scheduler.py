@@ -321,10 +321,13 @@ async def test_cancelling_callers_releases_everything() -> None:
     faults = FaultConfig(latency=30.0)  # every answer takes far longer than the test
     async with echo(faults=faults, provider={"force_close": True}) as (server, provider):
         async with Scheduler(max_concurrency=8, budget=Budget(tokens=100_000)) as s:
-            with anyio.move_on_after(0.3):
-                async with anyio.create_task_group() as tg:
-                    for i in range(20):
-                        tg.start_soon(s.complete, provider, req(i))
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(s.complete, provider, req(i))
+                with anyio.fail_after(10):  # cancelled once every slot's request is at the server
+                    while server.stats.requests < s.max_concurrency:  # noqa: ASYNC110 - a counter
+                        await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
             spend = s.spent()
             assert spend.reserved_tokens == 0  # nothing left reserved...
             assert spend.unknown_tokens > 0  # ...the 8 sent were charged (the API may bill them)
