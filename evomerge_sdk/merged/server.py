@@ -43,7 +43,7 @@ from aiohttp import web
 from .._checks import is_int
 from .._logs import get_logger
 from ..errors import BudgetExceeded, ConfigError, EvomergeError, RateLimited, RequestTimeout
-from ..http.server import AppServer, is_loopback, until_terminated
+from ..http.server import AppServer, check_api_key, is_loopback, until_terminated
 from ..http.wire import chat_logprobs, chat_usage, loads
 from ..providers import Completion, Message, Role, TokenLogprob, Usage
 
@@ -250,8 +250,7 @@ class MergedModelServer(AppServer):
             )
         if model_name is not None and (not isinstance(model_name, str) or not model_name):
             raise ConfigError(f"model_name must be a non-empty string or None, got {model_name!r}")
-        if api_key is not None and (not isinstance(api_key, str) or not api_key):
-            raise ConfigError("api_key must be a non-empty string or None")
+        key = check_api_key(api_key)  # masked in every log; a stray newline is refused, not locked out
         if not is_loopback(host) and api_key is None:
             raise ConfigError(f"listening on {host!r} (not loopback) needs an api_key")
         if not is_int(port) or not 0 <= port <= 65535:
@@ -262,7 +261,7 @@ class MergedModelServer(AppServer):
         self.host, self.port = host, port
         self.model_name = model_name or model.name
         self.max_body_bytes = max_body_bytes
-        self._api_key = api_key.encode() if api_key else None
+        self._api_key = key
         spec = getattr(model, "spec", None)
         self._kind = str(getattr(spec, "mode", "model"))
         self.requests = 0

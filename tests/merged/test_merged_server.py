@@ -132,6 +132,19 @@ def test_non_loopback_needs_a_key(repo: Any) -> None:
         MergedModelServer(merged, host="0.0.0.0")
 
 
+@pytest.mark.parametrize(
+    "key, needle", [("sk-key\n", "surrounding whitespace"), ("sk-\u00e9", "printable ASCII")]
+)
+def test_a_key_no_client_could_send_is_refused_at_configuration(repo: Any, key: str, needle: str) -> None:
+    # A trailing newline from a file or an environment variable would lock every client out.
+    from evomerge_sdk.merged import MergedModel
+
+    merged = MergedModel(_spec(repo), provider=_NeverCalled())
+    with pytest.raises(ConfigError, match=needle) as caught:
+        MergedModelServer(merged, api_key=key)
+    assert key.strip() not in str(caught.value)
+
+
 @pytest.mark.anyio
 async def test_a_port_in_use_is_named_and_nothing_stays_open(repo: Any) -> None:
     import socket
