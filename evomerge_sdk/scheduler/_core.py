@@ -50,7 +50,17 @@ from ..errors import (
     UsageError,
 )
 from ..providers import ATTEMPT_TIMEOUT, ChatRequest, Completion, Provider, RateLimitInfo, TokenLogprob, Usage
-from ._budget import Budget, BudgetLedger, ModelPrice, Price, PriceTable, Reservation, Spend, bind_prices
+from ._budget import (
+    Budget,
+    BudgetLedger,
+    ModelPrice,
+    Price,
+    PriceTable,
+    Reservation,
+    Spend,
+    bind_prices,
+    impossible_usage,
+)
 from ._cache import CachedValue, ResponseCache, chat_cache_key
 from ._coordination import Coordination, Ledger, Limiter, ResultCache
 from ._limiter import RateLimiter
@@ -581,7 +591,10 @@ class Scheduler:
         if out.usage is None:
             usage, cost = res.as_usage(), res.pico
         else:
-            usage, cost = out.usage, price.cost(out.usage)
+            usage = out.usage
+            # Not priced when impossible: a count that is text or None would make pricing raise a
+            # TypeError before the ledger could refuse it as the BadResponse it is.
+            cost = res.pico if impossible_usage(usage, res) is not None else price.cost(usage)
         return usage, cost, self._ledger.settle(res, out.usage, cost)
 
     def _after_failure(

@@ -20,8 +20,8 @@ from aiohttp import web
 from evomerge_anthropic import AnthropicProvider
 from evomerge_openai import OpenAIProvider
 
-from evomerge_sdk import BadResponse, BudgetExceeded, ChatRequest, Provider
-from evomerge_sdk.scheduler import Budget, RetryPolicy, Scheduler
+from evomerge_sdk import BadResponse, BudgetExceeded, ChatRequest, Provider, Usage
+from evomerge_sdk.scheduler import Budget, Outcome, RetryPolicy, Scheduler
 
 pytestmark = pytest.mark.anyio
 
@@ -117,3 +117,21 @@ async def test_impossible_usage_is_a_bad_response_charged_at_the_reservation(
         with pytest.raises((BadResponse, BudgetExceeded)):
             await scheduler.complete(provider, question(model, 1))
         assert scheduler.spent().tokens <= 1_000
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [Usage("5", 0), Usage(None, 0), Usage(5, 0, None)],  # type: ignore[arg-type]
+    ids=["text", "null", "null-cached"],
+)
+async def test_a_call_reporting_counts_that_are_not_numbers_is_a_bad_response(usage: Usage) -> None:
+    # Counts a call function read from a JSON answer without checking: refused like any impossible
+    # usage (not a TypeError from pricing it), and charged at the reservation.
+    async def call() -> Outcome:
+        return Outcome("answer", usage)
+
+    async with Scheduler(budget=Budget(tokens=100), retry=RetryPolicy(max_attempts=1)) as scheduler:
+        with pytest.raises(BadResponse, match="non-negative integers"):
+            await scheduler.call(call, model="m", reserve=Usage(10, 0))
+        spent = scheduler.spent()
+        assert spent.tokens == spent.unknown_tokens == 10 and spent.reserved_tokens == 0
