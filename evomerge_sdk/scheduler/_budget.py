@@ -376,10 +376,11 @@ class BudgetLedger:
 
 def impossible_usage(usage: Usage, res: Reservation) -> str | None:
     """Why `usage` cannot be true for a request reserved as `res`, or None when it can."""
-    counts = (usage.input_tokens, usage.output_tokens, usage.cached_tokens)
-    if any(type(c) is not int or c < 0 for c in counts):  # bool, float, str: never a count
+    i, o, c = usage.input_tokens, usage.output_tokens, usage.cached_tokens
+    # Straight-line checks: this runs on every answer, so no generators (bool, float, str: never a count).
+    if not (type(i) is int and type(o) is int and type(c) is int and i >= 0 and o >= 0 and c >= 0):
         return f"counts must be non-negative integers: {usage!r:.200}"
-    if any(c > MAX_REPORTED_TOKENS for c in counts):
+    if i > MAX_REPORTED_TOKENS or o > MAX_REPORTED_TOKENS or c > MAX_REPORTED_TOKENS:
         return f"more than {MAX_REPORTED_TOKENS} tokens in one request"
     if res.output_tokens is not None and usage.output_tokens > res.output_tokens:
         return f"{usage.output_tokens} output tokens, but at most {res.output_tokens} were asked for"

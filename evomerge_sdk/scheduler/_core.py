@@ -28,7 +28,6 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from contextlib import AbstractAsyncContextManager
 from functools import partial
 from types import EllipsisType, TracebackType
 from typing import Any
@@ -63,6 +62,7 @@ from ._budget import (
 )
 from ._cache import CachedValue, ResponseCache, chat_cache_key
 from ._coordination import Coordination, Ledger, Limiter, ResultCache
+from ._deadlines import Deadlines
 from ._limiter import RateLimiter
 from ._metrics import Metrics, MetricsSnapshot, redact
 from ._retry import RetryPolicy
@@ -239,7 +239,7 @@ class Scheduler:
         self._metrics = Metrics()
         self._inflight: dict[str, _Flight] = {}
         self._open = False
-        self._native_timeout: Callable[[float], AbstractAsyncContextManager[Any]] | None = None
+        self._deadlines: Deadlines | None = None
         self._debug = True
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -251,7 +251,8 @@ class Scheduler:
             await self._shared.open()
         if self._cache is not None:
             await self._cache.open()
-        self._native_timeout = _native_timeout()
+        if _shared_deadlines() and self._timeout is not None:
+            self._deadlines = Deadlines(self._timeout)
         self._debug = _debug_enabled(self._log)
         self._open = True
         return self
@@ -260,6 +261,9 @@ class Scheduler:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._open = False
+        if self._deadlines is not None:
+            self._deadlines.close()
+            self._deadlines = None
         if self._cache is not None:
             await self._cache.aclose()
         if self._shared is not None:
@@ -518,7 +522,8 @@ class Scheduler:
         attempt = 0
         while True:
             attempt += 1
-            res = await self._reserve(call)
+            # No await (one coroutine frame less on every resume) unless the budget must wait for room.
+            res = self._reserve_now(call) or await self._reserve(call)
             sent = _Sent()
             try:
                 raw, out = await self._attempt(fn, convert, call, sent)
@@ -530,18 +535,22 @@ class Scheduler:
             self._record(call, out, usage, cost, within, sent.at, attempt)
             return CallResult(out.value, usage, cached=False, attempts=attempt), raw
 
-    async def _reserve(self, call: _Call) -> Reservation:
-        """Hold the call's worst case under the budget, waiting while reservations in flight may free room;
-        BudgetExceeded (logged, counted) when it cannot fit even then."""
-        ledger = self._ledger
+    def _reserve_now(self, call: _Call) -> Reservation | None:
+        """Hold the call's worst case under the budget if it fits now; None when reservations in flight
+        hold the room it needs; BudgetExceeded (logged, counted) when it cannot fit even then."""
         try:
-            res = ledger.try_reserve(call.tokens, call.pico, **call.split)
-            if res is None:
-                res = await ledger.reserve(call.tokens, call.pico, **call.split)
+            return self._ledger.try_reserve(call.tokens, call.pico, **call.split)
         except BudgetExceeded as exc:
             self._reject(exc, call.model, call.label)
             raise
-        return res
+
+    async def _reserve(self, call: _Call) -> Reservation:
+        """`_reserve_now`, waiting while reservations in flight may free room."""
+        try:
+            return await self._ledger.reserve(call.tokens, call.pico, **call.split)
+        except BudgetExceeded as exc:
+            self._reject(exc, call.model, call.label)
+            raise
 
     async def _attempt(
         self,
@@ -563,26 +572,41 @@ class Scheduler:
             m.in_flight += 1
             sent.at = time.perf_counter()
             try:
-                raw = await self._timed(fn, call.timeout)
+                # `fn()` within the per-attempt timeout (the provider is told it through ATTEMPT_TIMEOUT),
+                # inline rather than in a helper coroutine: every frame is paid again on every resume.
+                timeout, deadlines = call.timeout, self._deadlines
+                if timeout is None:
+                    raw = await fn()
+                else:
+                    token = ATTEMPT_TIMEOUT.set(timeout)
+                    try:
+                        # asyncio: one shared timer (see _deadlines) for the scheduler's own timeout
+                        if deadlines is not None and timeout == deadlines.timeout:
+                            deadline = deadlines.start()
+                            try:
+                                raw = await fn()
+                            except asyncio.CancelledError as exc:
+                                if deadlines.expired(deadline):
+                                    raise TimeoutError from exc
+                                raise
+                            finally:
+                                deadline.finish()
+                            if deadline.expired:  # it fired as fn returned: take back its pending cancel
+                                try:
+                                    await asyncio.sleep(0)
+                                except asyncio.CancelledError:
+                                    if not deadlines.expired(deadline):
+                                        raise
+                        else:
+                            with anyio.fail_after(timeout):
+                                raw = await fn()
+                    finally:
+                        ATTEMPT_TIMEOUT.reset(token)
                 return raw, convert(raw)  # a malformed return is an error of a sent request
             finally:
                 m.in_flight -= 1
         finally:
             slots.release()
-
-    async def _timed(self, fn: Callable[[], Awaitable[Any]], limit: float | None) -> Any:
-        """`fn()` within the per-attempt timeout (the provider is told it through ATTEMPT_TIMEOUT)."""
-        if limit is None:
-            return await fn()
-        token = ATTEMPT_TIMEOUT.set(limit)
-        try:
-            if self._native_timeout is not None:
-                async with self._native_timeout(limit):
-                    return await fn()
-            with anyio.fail_after(limit):
-                return await fn()
-        finally:
-            ATTEMPT_TIMEOUT.reset(token)
 
     def _settle(self, res: Reservation, out: Outcome, price: ModelPrice) -> tuple[Usage, int, bool]:
         """Spend what the answer used, and whether it stayed within its reservation. The ledger's rules: no
@@ -698,15 +722,16 @@ class Scheduler:
         )
 
 
-def _native_timeout() -> Callable[[float], AbstractAsyncContextManager[Any]] | None:
-    """asyncio.timeout when running on asyncio with Python >= 3.11: a third of anyio.fail_after's cost."""
+def _shared_deadlines() -> bool:
+    """Whether attempts can share one timer (`Deadlines`): asyncio with Python >= 3.11 (Task.uncancel).
+    Elsewhere (trio, or 3.10) each attempt gets an anyio scope."""
     if sys.version_info >= (3, 11):
         try:
             asyncio.get_running_loop()
-        except RuntimeError:  # another backend (trio): use anyio's scope
-            return None
-        return asyncio.timeout
-    return None
+        except RuntimeError:  # another backend (trio)
+            return False
+        return True
+    return False
 
 
 def _debug_enabled(log: Any) -> bool:
