@@ -52,6 +52,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import anyio
 import attrs
 
 from .._checks import check_number, is_int
@@ -907,23 +908,26 @@ class RedisCoordination:
             raise
 
     async def aclose(self) -> None:
-        """Send what is queued (settlements, cache writes) and disconnect."""
+        """Send what is queued (settlements, cache writes) and disconnect. Shielded: a caller cancelled
+        on its way out (a timeout, a task group's failure) would otherwise leave the pumps running and
+        the connection open; every wait in here is bounded by `timeout`."""
         if self._users == 0:
             return
         self._users -= 1
         if self._users > 0:
             return
-        renewer, self._renewer = self._renewer, None
-        if renewer is not None:
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
-        for ledger in self._ledgers:
-            if ledger.ready and self._link.lost is None:
-                with contextlib.suppress(CoordinationLost):
-                    await ledger.refresh()
-        await self._link.disconnect()
-        for ledger in self._ledgers:
-            ledger.ready = False
+        with anyio.CancelScope(shield=True):
+            renewer, self._renewer = self._renewer, None
+            if renewer is not None:
+                renewer.cancel()
+                await asyncio.gather(renewer, return_exceptions=True)
+            for ledger in self._ledgers:
+                if ledger.ready and self._link.lost is None:
+                    with contextlib.suppress(CoordinationLost):
+                        await ledger.refresh()
+            await self._link.disconnect()
+            for ledger in self._ledgers:
+                ledger.ready = False
 
     async def __aenter__(self) -> RedisCoordination:
         await self.open()

@@ -317,6 +317,24 @@ async def test_the_cache_keeps_at_most_its_cap_oldest_out_first_and_forgets_afte
         assert not any(b":cache:v:" in k for k in keys_of(redis_url, namespace))  # the TTL ran out
 
 
+async def test_a_scheduler_cancelled_on_its_way_out_still_disconnects(redis_url: str, namespace: str) -> None:
+    # A timeout around the block cancels the scheduler's exit too; the coordination still sends what is
+    # queued and stops its pumps and lease renewer, instead of leaving them running on the loop.
+    import asyncio
+
+    before = set(asyncio.all_tasks())
+    with anyio.move_on_after(0.2) as scope:
+        async with workers(redis_url, namespace, n=1, budget=Budget(tokens=100), cache=False) as (a,):
+            await a.call(answer("paid", 5), model="m", reserve=Usage(10, 0))
+            await anyio.sleep(30)
+    assert scope.cancelled_caught
+    left = [t.get_name() for t in set(asyncio.all_tasks()) - before if not t.done()]
+    assert left == []
+    async with workers(redis_url, namespace, n=1, budget=Budget(tokens=100), cache=False) as (b,):
+        spent = await b._shared.spent()  # type: ignore[union-attr]
+    assert spent.tokens == 5 and spent.reserved_tokens == 0  # the settlement was sent on the way out
+
+
 # -- security and failure ----------------------------------------------------------------------------------
 
 
