@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._args import non_negative_int, positive_int, require_cli_extra
+
+if TYPE_CHECKING:
+    from ..demo import Reporter
 
 HELP = "Evo-Merging against its baselines on the embedded service: table, result.json, convergence.png"
 
@@ -111,6 +114,16 @@ def _console() -> Any:
     return console
 
 
+def _reporter(args: argparse.Namespace, console: Any) -> Reporter:
+    """Progress for either demo: rich's live bars on a terminal, plain lines when piped (a log file
+    full of redraw codes is unreadable) or with --no-progress."""
+    from ..demo import PlainReporter
+
+    if args.no_progress or not console.is_terminal:
+        return PlainReporter(sys.stdout)
+    return _RichReporter(console)
+
+
 def _rows_table(title: str, caption: str, rows: Sequence[Any]) -> Any:
     """The demos' comparison: one row per method, the best test accuracy in green, Evo-Merging in bold."""
     from rich.table import Table
@@ -161,17 +174,13 @@ def run(args: argparse.Namespace) -> int:
         require_cli_extra("rich")
         return _run_output_demo(args)
     require_cli_extra("rich", "matplotlib")
-    from ..demo import DemoConfig, PlainReporter, Reporter, run_demo, verdict
+    from ..demo import DemoConfig, run_demo, verdict
 
     config = DemoConfig(
         **_demo_settings(args), budget_tokens=args.budget, search_evaluations=args.search_evaluations
     )
     console = _console()
-    reporter: Reporter
-    if args.no_progress or not console.is_terminal:
-        reporter = PlainReporter(sys.stdout)
-    else:
-        reporter = _RichReporter(console)
+    reporter = _reporter(args, console)
     try:
         result = run_demo(config, reporter)
     finally:
@@ -196,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_output_demo(args: argparse.Namespace) -> int:
     """`evomerge demo --mode output`: run, then print what it found."""
-    from ..demo import OutputDemoConfig, PlainReporter, Reporter, run_output_demo
+    from ..demo import OutputDemoConfig, run_output_demo
 
     config = OutputDemoConfig(
         **_demo_settings(args),
@@ -205,11 +214,7 @@ def _run_output_demo(args: argparse.Namespace) -> int:
         search_evaluations=args.search_evaluations,
     )
     console = _console()
-    reporter: Reporter
-    if args.no_progress or not console.is_terminal:
-        reporter = PlainReporter(sys.stdout)
-    else:
-        reporter = _RichReporter(console)
+    reporter = _reporter(args, console)
     try:
         result = run_output_demo(config, reporter)
     finally:
