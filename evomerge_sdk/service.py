@@ -17,11 +17,13 @@ The client speaks the authors' reference service as it really answers (DESIGN 3)
 service's extensions only when `GET /health` lists them (`usage`, `metrics`, `minibatch`, `complete`,
 `delete_session`), and its `"concurrent_evaluation": "safe"`:
 
-- Budget: an evaluation reserves what it asks for, never a number the server declares: the examples it
-  scores (the minibatch's indices; else the session's `batch_size x evaluation_batches`, its inline
-  examples, or its example count) times `tokens_per_example` (default 2,048, the reference's
-  `cutoff_len`; capped by the `cutoff_len` the session sends). Without usable `usage` in the answer
-  (absent, null, empty) the whole reservation is charged.
+- Budget: an evaluation reserves what it asks for: the examples it scores (the minibatch's indices;
+  else the `batch_size x evaluation_batches` or inline examples of the query_plus the session sent)
+  times `tokens_per_example` (default 2,048, the reference's `cutoff_len`; capped by the `cutoff_len`
+  the session sends). Only a session opened without a query_plus that says so takes the count from the
+  server's answer (its echoed query_plus, else its `n_examples`): send one to keep the server's word
+  out of the reservation. Without usable `usage` in the answer (absent, null, empty) the whole
+  reservation is charged; usage beyond the reservation is a `BadResponse`, charged the reservation.
 - Concurrency: evaluations of one session run one at a time per replica unless the server's `/health`
   says `"concurrent_evaluation": "safe"` (the reference shares one model and one artifact folder between
   them, so concurrent evaluations silently score the wrong adapters); `max_concurrent_evaluations`
@@ -747,7 +749,8 @@ class MergeServiceClient:
 
     def worst_case(self, session: ServiceSession, examples: Sequence[int] | None) -> int:
         """Tokens an evaluation of `examples` (None: all) may cost at most: its budget reservation,
-        from what it asks (examples x the per-example bound), never from a number the server declares."""
+        examples x the per-example bound (for all examples, the count the session asked for, or the
+        server's count when its query_plus did not say; see the module doc)."""
         count = session.examples_per_evaluation if examples is None else len(examples)
         return count * session.tokens_per_example
 
