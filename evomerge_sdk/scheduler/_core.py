@@ -250,7 +250,14 @@ class Scheduler:
         if self._shared is not None:
             await self._shared.open()
         if self._cache is not None:
-            await self._cache.open()
+            try:
+                await self._cache.open()
+            except BaseException:
+                # A cache file that cannot be opened: the coordination opened above is closed again
+                # (its pumps and connection would otherwise outlive the failed `async with`).
+                if self._shared is not None:
+                    await self._shared.aclose()
+                raise
         if _shared_deadlines() and self._timeout is not None:
             self._deadlines = Deadlines(self._timeout)
         self._debug = _debug_enabled(self._log)

@@ -335,6 +335,23 @@ async def test_a_scheduler_cancelled_on_its_way_out_still_disconnects(redis_url:
     assert spent.tokens == 5 and spent.reserved_tokens == 0  # the settlement was sent on the way out
 
 
+async def test_a_cache_file_that_cannot_open_leaves_no_coordination_behind(
+    redis_url: str, namespace: str, tmp_path: Any
+) -> None:
+    import asyncio
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    before = set(asyncio.all_tasks())
+    scheduler = Scheduler(
+        shared=RedisCoordination(redis_url, namespace=namespace), cache=blocker / "c.sqlite"
+    )
+    with pytest.raises(Exception, match="a-file"):
+        async with scheduler:
+            pass
+    assert [t.get_name() for t in set(asyncio.all_tasks()) - before if not t.done()] == []
+
+
 # -- security and failure ----------------------------------------------------------------------------------
 
 
