@@ -22,6 +22,7 @@ __all__ = [
     "as_path",
     "folder",
     "integer",
+    "must",
     "non_negative_int",
     "number",
     "optional_path",
@@ -59,6 +60,17 @@ def probability(*, prefix: str = "") -> Validator:
         at_least_zero(inst, attribute, value)
         if value > 1:
             raise ConfigError(f"{prefix}{attribute.name} is a probability in [0, 1], got {value!r}")
+
+    return check
+
+
+def must(test: Callable[[Any], bool], message: str) -> Validator:
+    """Refuse a value `test` rejects with ConfigError(`message`), formatted with the field's `name` and
+    `value`: one composable check for the settings whose messages say more than `number` can."""
+
+    def check(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if not test(value):
+            raise ConfigError(message.format(name=attribute.name, value=value))
 
     return check
 

@@ -13,9 +13,11 @@ from importlib.metadata import entry_points
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import attrs
+from attrs.validators import optional
 
 from ._checks import is_int, is_number
 from ._io import canonical_json
+from ._validators import must
 from .errors import ConfigError
 
 __all__ = [
@@ -108,6 +110,16 @@ def _to_dict(value: Mapping[str, Any]) -> dict[str, Any]:
     return dict(value)
 
 
+def _no_reserved_keys(_: object, __: attrs.Attribute[Any], extra: Mapping[str, Any]) -> None:
+    """Refuse keys the typed fields own, or that would let one answer spend past its reservation."""
+    reserved = sorted(k for k in extra if k in _RESERVED_EXTRA)
+    if reserved:
+        raise ConfigError(
+            f"extra may not set {reserved}: use ChatRequest's own fields (the budget reserves for "
+            "max_tokens output tokens of one answer)"
+        )
+
+
 @attrs.frozen
 class ChatRequest:
     """A chat/completion request, independent of any provider's wire format.
@@ -116,38 +128,52 @@ class ChatRequest:
     into the body they send. `messages` accepts a plain string as a single user message.
     """
 
-    model: str
-    messages: tuple[Message, ...] = attrs.field(converter=as_messages)
-    max_tokens: int = 256
-    temperature: float | None = None
-    top_p: float | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    extra: Mapping[str, Any] = attrs.field(factory=dict, converter=_to_dict)
-
-    def __attrs_post_init__(self) -> None:
-        if not isinstance(self.model, str) or not self.model:
-            raise ConfigError(f"model must be a non-empty string, got {self.model!r}")
-        if not self.messages:
-            raise ConfigError("a request needs at least one message")
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ConfigError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if self.temperature is not None and not (is_number(self.temperature) and self.temperature >= 0):
-            raise ConfigError(f"temperature must be a finite number >= 0 or None, got {self.temperature!r}")
-        if self.top_p is not None and not (is_number(self.top_p) and 0 < self.top_p <= 1):
-            raise ConfigError(f"top_p must be a number in (0, 1] or None, got {self.top_p!r}")
-        if not isinstance(self.logprobs, bool):
-            raise ConfigError(f"logprobs must be True or False, got {self.logprobs!r}")
-        if self.top_logprobs is not None and not (is_int(self.top_logprobs) and 0 <= self.top_logprobs <= 20):
-            raise ConfigError(
-                f"top_logprobs must be an integer in [0, 20] or None, got {self.top_logprobs!r}"
+    model: str = attrs.field(
+        validator=must(
+            lambda v: isinstance(v, str) and bool(v), "model must be a non-empty string, got {value!r}"
+        )
+    )
+    messages: tuple[Message, ...] = attrs.field(
+        converter=as_messages, validator=must(bool, "a request needs at least one message")
+    )
+    max_tokens: int = attrs.field(
+        default=256,
+        validator=must(
+            lambda v: is_int(v) and v >= 1, "max_tokens must be a positive integer, got {value!r}"
+        ),
+    )
+    temperature: float | None = attrs.field(
+        default=None,
+        validator=optional(
+            must(
+                lambda v: is_number(v) and v >= 0,
+                "temperature must be a finite number >= 0 or None, got {value!r}",
             )
-        reserved = sorted(k for k in self.extra if k in _RESERVED_EXTRA)
-        if reserved:
-            raise ConfigError(
-                f"extra may not set {reserved}: use ChatRequest's own fields (the budget reserves for "
-                "max_tokens output tokens of one answer)"
+        ),
+    )
+    top_p: float | None = attrs.field(
+        default=None,
+        validator=optional(
+            must(
+                lambda v: is_number(v) and 0 < v <= 1,
+                "top_p must be a number in (0, 1] or None, got {value!r}",
             )
+        ),
+    )
+    logprobs: bool = attrs.field(
+        default=False,
+        validator=must(lambda v: isinstance(v, bool), "logprobs must be True or False, got {value!r}"),
+    )
+    top_logprobs: int | None = attrs.field(
+        default=None,
+        validator=optional(
+            must(
+                lambda v: is_int(v) and 0 <= v <= 20,
+                "top_logprobs must be an integer in [0, 20] or None, got {value!r}",
+            )
+        ),
+    )
+    extra: Mapping[str, Any] = attrs.field(factory=dict, converter=_to_dict, validator=_no_reserved_keys)
 
     def canonical_json(self) -> str:
         """A stable serialisation: equal requests give equal strings (the cache key is its hash)."""

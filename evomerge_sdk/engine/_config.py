@@ -8,11 +8,14 @@ variants with `attrs.evolve`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import attrs
+from attrs.validators import and_, optional
 
-from .._checks import is_int, is_number, is_real
+from .._checks import is_int, is_number
+from .._validators import Validator, must
 from ..errors import ConfigError
 from ._cmaes import default_popsize
 
@@ -43,39 +46,13 @@ def budget_too_small(max_evaluations: int, popsize: int) -> str:
     return f"max_evaluations={max_evaluations} does not pay for one generation of {popsize} candidates"
 
 
-def _check_stage(stage: StageConfig) -> None:
-    def fail(msg: str) -> ConfigError:
-        return ConfigError(f"stage config: {msg}")
+def _stage(test: Callable[[Any], bool], message: str) -> Validator:
+    """A stage field's check: its message starts as every stage config error does."""
+    return must(test, "stage config: " + message)
 
-    for name in ("sigma", "lower", "upper", "penalty", "tolfun", "tolx"):
-        value = getattr(stage, name)
-        if not is_real(value) or not math.isfinite(value):
-            raise fail(f"{name} must be a finite number, got {value!r}")
-    if stage.sigma <= 0:
-        raise fail(f"sigma must be > 0, got {stage.sigma}")
-    if not stage.lower < stage.upper:
-        raise fail(f"bounds need lower < upper, got [{stage.lower}, {stage.upper}]")
-    if stage.penalty < 0 or stage.tolfun < 0 or stage.tolx < 0:
-        raise fail("penalty, tolfun and tolx must be >= 0")
-    if stage.popsize is not None and not (is_int(stage.popsize) and stage.popsize >= 2):
-        raise fail(f"popsize must be None (default) or an integer >= 2, got {stage.popsize!r}")
-    if not (is_int(stage.max_evaluations) and stage.max_evaluations >= 1):
-        raise fail(f"max_evaluations must be an integer >= 1, got {stage.max_evaluations!r}")
-    if stage.start != "1/N":
-        if not is_number(stage.start):
-            raise fail(f"start must be a finite number or '1/N', got {stage.start!r}")
-        if not stage.lower <= stage.start <= stage.upper:
-            raise fail(f"start {stage.start} lies outside [{stage.lower}, {stage.upper}]")
-    if stage.diagonal not in (True, False, "auto"):
-        raise fail(f"diagonal must be True, False or 'auto', got {stage.diagonal!r}")
-    if stage.sigma_scaling not in ("none", "sqrt"):
-        raise fail(f"sigma_scaling must be 'none' or 'sqrt', got {stage.sigma_scaling!r}")
-    if stage.batch_size is not None and not (is_int(stage.batch_size) and stage.batch_size >= 1):
-        raise fail(f"batch_size must be None (whole split) or an integer >= 1, got {stage.batch_size!r}")
-    if not (is_int(stage.rescore_every) and stage.rescore_every >= 0):
-        raise fail(f"rescore_every must be an integer >= 0, got {stage.rescore_every!r}")
-    if stage.popsize is not None and stage.max_evaluations < stage.popsize:
-        raise fail(budget_too_small(stage.max_evaluations, stage.popsize))
+
+_finite = _stage(is_number, "{name} must be a finite number, got {value!r}")
+_at_least_zero = and_(_finite, _stage(lambda v: v >= 0, "penalty, tolfun and tolx must be >= 0"))
 
 
 @attrs.frozen
@@ -95,22 +72,69 @@ class StageConfig:
     it if its fitness beats the incumbent's.
     """
 
-    start: float | Literal["1/N"]
-    sigma: float
-    lower: float
-    upper: float
-    max_evaluations: int
-    popsize: int | None = 20
-    penalty: float = 0.05
-    diagonal: bool | Literal["auto"] = False
-    tolfun: float = 1e-11
-    tolx: float = 1e-11
-    sigma_scaling: Literal["none", "sqrt"] = "none"
-    batch_size: int | None = None
-    rescore_every: int = 0
+    start: float | Literal["1/N"] = attrs.field(
+        validator=_stage(
+            lambda v: v == "1/N" or is_number(v), "start must be a finite number or '1/N', got {value!r}"
+        )
+    )
+    sigma: float = attrs.field(
+        validator=and_(_finite, _stage(lambda v: v > 0, "sigma must be > 0, got {value}"))
+    )
+    lower: float = attrs.field(validator=_finite)
+    upper: float = attrs.field(validator=_finite)
+    max_evaluations: int = attrs.field(
+        validator=_stage(
+            lambda v: is_int(v) and v >= 1, "max_evaluations must be an integer >= 1, got {value!r}"
+        )
+    )
+    popsize: int | None = attrs.field(
+        default=20,
+        validator=_stage(
+            lambda v: v is None or (is_int(v) and v >= 2),
+            "popsize must be None (default) or an integer >= 2, got {value!r}",
+        ),
+    )
+    penalty: float = attrs.field(default=0.05, validator=_at_least_zero)
+    diagonal: bool | Literal["auto"] = attrs.field(
+        default=False,
+        validator=_stage(
+            lambda v: v in (True, False, "auto"), "diagonal must be True, False or 'auto', got {value!r}"
+        ),
+    )
+    tolfun: float = attrs.field(default=1e-11, validator=_at_least_zero)
+    tolx: float = attrs.field(default=1e-11, validator=_at_least_zero)
+    sigma_scaling: Literal["none", "sqrt"] = attrs.field(
+        default="none",
+        validator=_stage(
+            lambda v: v in ("none", "sqrt"), "sigma_scaling must be 'none' or 'sqrt', got {value!r}"
+        ),
+    )
+    batch_size: int | None = attrs.field(
+        default=None,
+        validator=_stage(
+            lambda v: v is None or (is_int(v) and v >= 1),
+            "batch_size must be None (whole split) or an integer >= 1, got {value!r}",
+        ),
+    )
+    rescore_every: int = attrs.field(
+        default=0,
+        validator=_stage(
+            lambda v: is_int(v) and v >= 0, "rescore_every must be an integer >= 0, got {value!r}"
+        ),
+    )
 
     def __attrs_post_init__(self) -> None:
-        _check_stage(self)
+        """Cross-field invariants: the box, the start within it, and a budget for one generation."""
+
+        def fail(msg: str) -> ConfigError:
+            return ConfigError(f"stage config: {msg}")
+
+        if not self.lower < self.upper:
+            raise fail(f"bounds need lower < upper, got [{self.lower}, {self.upper}]")
+        if self.start != "1/N" and not self.lower <= self.start <= self.upper:
+            raise fail(f"start {self.start} lies outside [{self.lower}, {self.upper}]")
+        if self.popsize is not None and self.max_evaluations < self.popsize:
+            raise fail(budget_too_small(self.max_evaluations, self.popsize))
 
     def sigma_value(self, n: int) -> float:
         """The initial step size for a pool of n models."""
@@ -152,14 +176,18 @@ class EarlyStopping:
     generations. The held-out split is scored once per new incumbent, so it costs one evaluation at most
     per generation."""
 
-    patience: int = 5
-    min_delta: float = 0.0
-
-    def __attrs_post_init__(self) -> None:
-        if not is_int(self.patience) or self.patience < 1:
-            raise ConfigError(f"early stopping patience must be an integer >= 1, got {self.patience!r}")
-        if not (is_number(self.min_delta) and self.min_delta >= 0):
-            raise ConfigError(f"early stopping min_delta must be >= 0, got {self.min_delta!r}")
+    patience: int = attrs.field(
+        default=5,
+        validator=must(
+            lambda v: is_int(v) and v >= 1, "early stopping patience must be an integer >= 1, got {value!r}"
+        ),
+    )
+    min_delta: float = attrs.field(
+        default=0.0,
+        validator=must(
+            lambda v: is_number(v) and v >= 0, "early stopping min_delta must be >= 0, got {value!r}"
+        ),
+    )
 
 
 @attrs.frozen
@@ -172,6 +200,14 @@ class Stage:
     config: StageConfig
 
 
+_optional_stage = optional(
+    must(
+        lambda v: isinstance(v, StageConfig),
+        "{name} must be a StageConfig or None, got {value.__class__.__name__}",
+    )
+)
+
+
 @attrs.frozen
 class SearchConfig:
     """A complete search: stage 1 (`denoise`, over alpha) and/or stage 2 (`scale`, over beta).
@@ -180,27 +216,38 @@ class SearchConfig:
     values of this class: derive variants with `attrs.evolve(PAPER, seed=3)`.
     """
 
-    name: str
-    denoise: StageConfig | None
-    scale: StageConfig | None
-    early_stopping: EarlyStopping | None = None
-    fixed_alpha: float = 1.0
-    seed: int = 0
+    name: str = attrs.field(
+        validator=must(
+            lambda v: isinstance(v, str) and bool(v),
+            "a search config's name must be a non-empty string, got {value!r}",
+        )
+    )
+    denoise: StageConfig | None = attrs.field(validator=_optional_stage)
+    scale: StageConfig | None = attrs.field(validator=_optional_stage)
+    early_stopping: EarlyStopping | None = attrs.field(
+        default=None,
+        validator=optional(
+            must(
+                lambda v: isinstance(v, EarlyStopping),
+                "early_stopping must be an EarlyStopping or None, got {value!r}",
+            )
+        ),
+    )
+    fixed_alpha: float = attrs.field(
+        default=1.0,
+        validator=must(
+            lambda v: is_number(v) and 0 <= v <= 1, "fixed_alpha must be in [0, 1], got {value!r}"
+        ),
+    )
+    seed: int = attrs.field(
+        default=0,
+        validator=must(lambda v: is_int(v) and v >= 0, "seed must be a non-negative integer, got {value!r}"),
+    )
 
     def __attrs_post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ConfigError(f"a search config's name must be a non-empty string, got {self.name!r}")
-        for field, value in (("denoise", self.denoise), ("scale", self.scale)):
-            if value is not None and not isinstance(value, StageConfig):
-                raise ConfigError(f"{field} must be a StageConfig or None, got {type(value).__name__}")
-        if self.early_stopping is not None and not isinstance(self.early_stopping, EarlyStopping):
-            raise ConfigError(f"early_stopping must be an EarlyStopping or None, got {self.early_stopping!r}")
+        """Cross-field invariants: at least one stage; early stopping that a minibatch stage can feed."""
         if self.denoise is None and self.scale is None:
             raise ConfigError("a search needs at least one stage (denoise or scale)")
-        if not (is_number(self.fixed_alpha) and 0 <= self.fixed_alpha <= 1):
-            raise ConfigError(f"fixed_alpha must be in [0, 1], got {self.fixed_alpha!r}")
-        if not is_int(self.seed) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         stop = self.early_stopping
         for stage in self.stages():
             # A minibatch stage's incumbent only changes when it re-scores its mean.

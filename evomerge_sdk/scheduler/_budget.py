@@ -153,6 +153,7 @@ class Budget:
     usd: float | None = attrs.field(default=None, validator=number(allow_none=True, prefix="Budget."))
 
     def __attrs_post_init__(self) -> None:
+        """Cross-field invariant: at least one of the two caps."""
         if self.tokens is None and self.usd is None:
             raise ConfigError("a Budget needs tokens=..., usd=... or both (pass budget=None for no cap)")
 
