@@ -664,65 +664,89 @@ class MergeServiceClient:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"query_plus must be JSON-serialisable with finite numbers: {exc}") from None
         answers: list[dict[str, Any] | None] = []
-        for i in range(len(self.replicas)):
-            try:
-                answers.append(await self._control(self._url(i, "v1", "sessions"), body, "create_session"))
-            except (ConnectionFailed, RequestTimeout) as exc:
-                if len(self.replicas) == 1:
-                    raise
-                self._down(i, exc)
-                answers.append(None)
-        opened = [a for a in answers if a is not None]
-        if not opened:
-            raise ConnectionFailed("merge-service: no replica answered the session request")
-        ids: list[str | None] = []
-        for data in answers:
-            sid = data.get("session_id") if data is not None else None
-            if data is not None and (not isinstance(sid, str) or not sid):
-                raise BadResponse("the session answer has no session_id")
-            ids.append(sid)
-        data = opened[0]
-        count = _count(data.get("adapter_count"), "session.adapter_count")
-        if not count:
-            raise BadResponse("the session answer has no adapter_count")
-        if any(a.get("adapter_count") != count for a in opened):
-            raise BadResponse("the replicas disagree on the preset's adapter_count: are they one service?")
-        n_examples = _count(data.get("n_examples"), "session.n_examples")
-        echoed: dict[str, Any] = data["query_plus"] if isinstance(data.get("query_plus"), dict) else {}
-        asked = _examples_asked(sent or {}) or _examples_asked(echoed) or n_examples
-        if not asked:
-            raise BadResponse(
-                "cannot tell how many examples one evaluation of this session scores (the answer has no "
-                "n_examples and no batch_size x evaluation_batches): send query_plus with both"
+        try:
+            for i in range(len(self.replicas)):
+                try:
+                    answers.append(
+                        await self._control(self._url(i, "v1", "sessions"), body, "create_session")
+                    )
+                except (ConnectionFailed, RequestTimeout) as exc:
+                    if len(self.replicas) == 1:
+                        raise
+                    self._down(i, exc)
+                    answers.append(None)
+            opened = [a for a in answers if a is not None]
+            if not opened:
+                raise ConnectionFailed("merge-service: no replica answered the session request")
+            ids: list[str | None] = []
+            for data in answers:
+                sid = data.get("session_id") if data is not None else None
+                if data is not None and (not isinstance(sid, str) or not sid):
+                    raise BadResponse("the session answer has no session_id")
+                ids.append(sid)
+            data = opened[0]
+            count = _count(data.get("adapter_count"), "session.adapter_count")
+            if not count:
+                raise BadResponse("the session answer has no adapter_count")
+            if any(a.get("adapter_count") != count for a in opened):
+                raise BadResponse(
+                    "the replicas disagree on the preset's adapter_count: are they one service?"
+                )
+            n_examples = _count(data.get("n_examples"), "session.n_examples")
+            echoed: dict[str, Any] = data["query_plus"] if isinstance(data.get("query_plus"), dict) else {}
+            asked = _examples_asked(sent or {}) or _examples_asked(echoed) or n_examples
+            if not asked:
+                raise BadResponse(
+                    "cannot tell how many examples one evaluation of this session scores (the answer has no "
+                    "n_examples and no batch_size x evaluation_batches): send query_plus with both"
+                )
+            per_example = tokens_per_example or self.tokens_per_example
+            cutoff = _positive_int((sent or {}).get("cutoff_len"))
+            if cutoff is not None:
+                per_example = min(per_example, cutoff)  # the server truncates every example to cutoff_len
+            revision = data.get("revision") if isinstance(data.get("revision"), str) else self._revision
+            fingerprint = cache_key(
+                "evomerge/service/session/v1",
+                self.cache_namespace,
+                preset_id,
+                revision or "",
+                model_name_or_path or "",
+                canonical_query,
             )
-        per_example = tokens_per_example or self.tokens_per_example
-        cutoff = _positive_int((sent or {}).get("cutoff_len"))
-        if cutoff is not None:
-            per_example = min(per_example, cutoff)  # the server truncates every example to cutoff_len
-        revision = data.get("revision") if isinstance(data.get("revision"), str) else self._revision
-        fingerprint = cache_key(
-            "evomerge/service/session/v1",
-            self.cache_namespace,
-            preset_id,
-            revision or "",
-            model_name_or_path or "",
-            canonical_query,
-        )
-        session = ServiceSession(
-            session_id=str(next(s for s in ids if s is not None)),
-            preset_id=preset_id,
-            adapter_count=count,
-            query_plus=dict(sent or echoed),
-            n_examples=n_examples,
-            examples_per_evaluation=asked,
-            tokens_per_example=per_example,
-            minibatch="minibatch" in extensions and n_examples is not None,
-            fingerprint=fingerprint,
-            replica_ids=tuple(ids),
-            raw=data,
-        )
+            session = ServiceSession(
+                session_id=str(next(s for s in ids if s is not None)),
+                preset_id=preset_id,
+                adapter_count=count,
+                query_plus=dict(sent or echoed),
+                n_examples=n_examples,
+                examples_per_evaluation=asked,
+                tokens_per_example=per_example,
+                minibatch="minibatch" in extensions and n_examples is not None,
+                fingerprint=fingerprint,
+                replica_ids=tuple(ids),
+                raw=data,
+            )
+        except BaseException:
+            # A replica refused what others accepted, the answers do not add up, or the caller was
+            # cancelled: the sessions opened would stay open, counting against a server's cap, since
+            # no close reaches them.
+            await self._abandon(answers, extensions)
+            raise
         self._created.append(session)
         return session
+
+    async def _abandon(self, answers: Sequence[dict[str, Any] | None], extensions: Sequence[str]) -> None:
+        """Delete the sessions a failed `create_session` opened on some replicas (where the server can)."""
+        if "delete_session" not in extensions:
+            return
+        for i, data in enumerate(answers):
+            sid = data.get("session_id") if data is not None else None
+            if isinstance(sid, str) and sid:
+                with anyio.move_on_after(10, shield=True):
+                    try:
+                        await self._bodiless("DELETE", i, "v1", "sessions", sid)
+                    except Exception as exc:  # the refusal being raised matters more
+                        _log.info("session_not_deleted", session_id=sid, error=type(exc).__name__)
 
     async def get_session(self, session: ServiceSession) -> dict[str, Any]:
         """`GET /v1/sessions/{id}`: the server's description of the session."""

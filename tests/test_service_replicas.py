@@ -22,7 +22,7 @@ import pytest
 
 from evomerge_sdk import EvoMerge, MergeServiceClient, SearchConfig, ServiceObjective, StageConfig
 from evomerge_sdk.engine import Candidate, EvaluationContext
-from evomerge_sdk.errors import ConfigError
+from evomerge_sdk.errors import ConfigError, InvalidRequest
 from evomerge_sdk.local import LocalService, preset_id
 from evomerge_sdk.local.repository import Repository
 from evomerge_sdk.scheduler import RetryPolicy, Scheduler
@@ -136,6 +136,18 @@ async def test_evaluations_go_to_the_least_busy_replica(repo: Repository) -> Non
         one = await client.evaluate(session, *vectors[0])
         assert one.cached  # the cache key is the session's content, not a replica's session id
     assert a.open_sessions == b.open_sessions == 0  # closed: deleted on every replica
+
+
+@pytest.mark.anyio
+async def test_a_session_one_replica_refuses_is_deleted_where_others_opened_it(repo: Repository) -> None:
+    async with (
+        LocalService(repo, pool_sizes=(5,)) as a,
+        LocalService(repo, pool_sizes=(4,)) as b,  # no preset of 5 adapters: 404
+        MergeServiceClient([a.url, b.url], tokens_per_example=TOKENS_PER_EXAMPLE) as client,
+    ):
+        with pytest.raises(InvalidRequest):
+            await client.create_session(PRESET)
+        assert a.open_sessions == 0  # not left to count against a's session cap
 
 
 @pytest.mark.anyio
