@@ -12,9 +12,11 @@ from typing import Any, Literal
 
 import attrs
 import numpy as np
+from attrs.validators import optional
 from numpy.typing import ArrayLike
 
 from .._io import write_json_atomic
+from .._validators import must
 from ..engine._search import SearchResult
 from ..errors import ConfigError
 from ..objectives.output import MEAN_REFERENCE, AnswerSet, ScoringConfig
@@ -50,6 +52,9 @@ def _mapping(value: Mapping[str, Any]) -> dict[str, Any]:
     return dict(value)
 
 
+_name = must(lambda v: isinstance(v, str) and bool(v), "{name} must be a non-empty string, got {value!r:.60}")
+
+
 @attrs.frozen
 class MergedSpec:
     """What a merged model is: its mode, pool, vectors and how to reach its models.
@@ -61,34 +66,38 @@ class MergedSpec:
     Output mode needs `answer_set` and `reference`; provider mode needs `preset_id`.
     """
 
-    mode: Literal["output", "provider"]
+    mode: Literal["output", "provider"] = attrs.field(
+        validator=must(
+            lambda v: v in ("output", "provider"), "mode must be 'output' or 'provider', got {value!r}"
+        )
+    )
     pool: tuple[str, ...] = attrs.field(converter=_strings)
-    alpha: tuple[float, ...] = attrs.field(converter=_floats)
+    alpha: tuple[float, ...] = attrs.field(
+        converter=_floats,
+        validator=must(lambda v: all(0.0 <= a <= 1.0 for a in v), "alpha entries must lie in [0, 1]"),
+    )
     beta: tuple[float, ...] = attrs.field(converter=_floats)
     source: Mapping[str, Any] = attrs.field(factory=dict, converter=_mapping)
-    reference: str = MEAN_REFERENCE
+    reference: str = attrs.field(default=MEAN_REFERENCE, validator=_name)
     answer_set: tuple[str, ...] = attrs.field(default=(), converter=_strings)
-    scoring: ScoringConfig = attrs.field(factory=ScoringConfig)
-    preset_id: str | None = None
-    name: str = "evomerge-merged"
+    scoring: ScoringConfig = attrs.field(
+        factory=ScoringConfig,
+        validator=must(
+            lambda v: isinstance(v, ScoringConfig),
+            "scoring must be a ScoringConfig, got {value.__class__.__name__}",
+        ),
+    )
+    preset_id: str | None = attrs.field(default=None, validator=optional(_name))
+    name: str = attrs.field(default="evomerge-merged", validator=_name)
 
     def __attrs_post_init__(self) -> None:
-        if self.mode not in ("output", "provider"):
-            raise ConfigError(f"mode must be 'output' or 'provider', got {self.mode!r}")
-        if not isinstance(self.scoring, ScoringConfig):
-            raise ConfigError(f"scoring must be a ScoringConfig, got {type(self.scoring).__name__}")
-        for field in ("reference", "name", "preset_id"):
-            value = getattr(self, field)
-            if not (isinstance(value, str) and value) and not (field == "preset_id" and value is None):
-                raise ConfigError(f"{field} must be a non-empty string, got {value!r:.60}")
+        """Cross-field invariants: one alpha and beta per pool model, and what each mode needs."""
         n = len(self.pool)
         if n == 0 or len(self.alpha) != n or len(self.beta) != n:
             raise ConfigError(
                 f"a pool of {n} models needs as many alpha and beta entries "
                 f"(got {len(self.alpha)} and {len(self.beta)})"
             )
-        if any(not 0.0 <= a <= 1.0 for a in self.alpha):
-            raise ConfigError("alpha entries must lie in [0, 1]")
         if self.mode == "output":
             AnswerSet(self.answer_set)  # validates
             if self.reference != MEAN_REFERENCE and self.reference in self.pool:

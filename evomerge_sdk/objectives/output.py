@@ -30,12 +30,13 @@ from typing import Any, Literal
 
 import attrs
 import numpy as np
+from attrs.validators import and_
 from numpy.typing import ArrayLike, NDArray
 
 from .._checks import is_int, is_number
 from .._concurrency import Job, run_concurrently
 from .._types import FloatArray, IntArray
-from .._validators import positive_int
+from .._validators import must, positive_int
 from ..engine._objective import Candidate, EvaluationContext, Split
 from ..engine._operators import keep_count, magnitude_order
 from ..errors import BadResponse, BudgetExceeded, ConfigError
@@ -79,20 +80,22 @@ def _str_tuple(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(values)
 
 
+def _distinct_options(_: object, __: attrs.Attribute[Any], options: tuple[str, ...]) -> None:
+    """Two or more non-blank options that stay apart after normalising, so every answer maps to one."""
+    if len(options) < 2:
+        raise ConfigError(f"an answer set needs at least two options, got {list(options)}")
+    keys = [_normalise(o) if isinstance(o, str) else "" for o in options]
+    if not all(keys):
+        raise ConfigError("every option must be a non-blank string")
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"options must differ after stripping and case-folding: {list(options)}")
+
+
 @attrs.frozen
 class AnswerSet:
     """The finite set of answers (labels, choices) a task is scored on, in a fixed order."""
 
-    options: tuple[str, ...] = attrs.field(converter=_str_tuple)
-
-    def __attrs_post_init__(self) -> None:
-        if len(self.options) < 2:
-            raise ConfigError(f"an answer set needs at least two options, got {list(self.options)}")
-        keys = [_normalise(o) if isinstance(o, str) else "" for o in self.options]
-        if not all(keys):
-            raise ConfigError("every option must be a non-blank string")
-        if len(set(keys)) != len(keys):
-            raise ConfigError(f"options must differ after stripping and case-folding: {list(self.options)}")
+    options: tuple[str, ...] = attrs.field(converter=_str_tuple, validator=_distinct_options)
 
     def __len__(self) -> int:
         return len(self.options)
@@ -147,14 +150,15 @@ class AnswerSet:
 class LabelledExamples:
     """Prompts with gold answers from an `AnswerSet`; `labels` are the gold option indices."""
 
-    prompts: tuple[tuple[Message, ...], ...]
+    prompts: tuple[tuple[Message, ...], ...] = attrs.field(
+        validator=must(bool, "labelled examples need at least one example")
+    )
     answers: tuple[str, ...]
     answer_set: AnswerSet
     labels: IntArray = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        if len(self.prompts) == 0:
-            raise ConfigError("labelled examples need at least one example")
+        """Cross-field: one answer per prompt; derives `labels`, each answer's option index."""
         if len(self.prompts) != len(self.answers):
             raise ConfigError(f"need one answer per prompt, got {len(self.answers)} for {len(self.prompts)}")
         labels = np.array([self.answer_set.index(a) for a in self.answers], dtype=np.int64)
@@ -188,6 +192,11 @@ class LabelledExamples:
         )
 
 
+_optional_str = must(
+    lambda v: v is None or isinstance(v, str), "{name} must be a string or None, got {value!r}"
+)
+
+
 @attrs.frozen
 class ScoringConfig:
     """How a model is asked for its scores.
@@ -200,30 +209,35 @@ class ScoringConfig:
     optional system message put before every prompt (an instruction to answer with one option).
     """
 
-    method: Literal["auto", "logprobs", "votes"] = "auto"
-    top_logprobs: int = attrs.field(default=20, validator=positive_int)
+    method: Literal["auto", "logprobs", "votes"] = attrs.field(
+        default="auto",
+        validator=must(
+            lambda v: v in ("auto", "logprobs", "votes"),
+            "method must be 'auto', 'logprobs' or 'votes', got {value!r}",
+        ),
+    )
+    top_logprobs: int = attrs.field(
+        default=20,
+        validator=and_(positive_int, must(lambda v: v <= 20, "top_logprobs must be at most 20, got {value}")),
+    )
     samples: int = attrs.field(default=8, validator=positive_int)
-    temperature: float = 1.0
+    temperature: float = attrs.field(
+        default=1.0,
+        validator=must(
+            lambda v: is_number(v) and v > 0, "temperature (for voting) must be > 0, got {value!r}"
+        ),
+    )
     max_tokens: int = attrs.field(default=4, validator=positive_int)
-    smoothing: float = 1.0
-    seed_field: str | None = "auto"
-    seed: int = 0
-    system: str | None = None
-
-    def __attrs_post_init__(self) -> None:
-        if self.method not in ("auto", "logprobs", "votes"):
-            raise ConfigError(f"method must be 'auto', 'logprobs' or 'votes', got {self.method!r}")
-        if self.top_logprobs > 20:
-            raise ConfigError(f"top_logprobs must be at most 20, got {self.top_logprobs}")
-        if not (is_number(self.temperature) and self.temperature > 0):
-            raise ConfigError(f"temperature (for voting) must be > 0, got {self.temperature!r}")
-        if not is_int(self.seed):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
-        for name in ("seed_field", "system"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise ConfigError(f"{name} must be a string or None, got {getattr(self, name)!r}")
-        if not (is_number(self.smoothing) and self.smoothing > 0):
-            raise ConfigError(f"smoothing must be > 0 (zero votes would score -inf), got {self.smoothing!r}")
+    smoothing: float = attrs.field(
+        default=1.0,
+        validator=must(
+            lambda v: is_number(v) and v > 0,
+            "smoothing must be > 0 (zero votes would score -inf), got {value!r}",
+        ),
+    )
+    seed_field: str | None = attrs.field(default="auto", validator=_optional_str)
+    seed: int = attrs.field(default=0, validator=must(is_int, "seed must be an integer, got {value!r}"))
+    system: str | None = attrs.field(default=None, validator=_optional_str)
 
     def method_for(self, provider: Provider) -> Literal["logprobs", "votes"]:
         """The method used for `provider`."""
