@@ -217,11 +217,12 @@ class _JSONErrorHandler(RequestHandler):
         _log.warning("http_request_refused", status=status, error=type(exc).__name__ if exc else None)
         if request.writer.output_size > 0:
             raise ConnectionError("an answer was already being sent; the connection is closed")
-        if status >= 500:
-            text = "the server failed on this request"
+        if status >= 500:  # the server's fault, so not an invalid request: a client may retry it
+            text, kind = "the server failed on this request", "server_error"
         else:
             text = "the request is not valid HTTP (a header holds a byte HTTP does not allow)"
-        body = {"error": {"message": text, "type": "invalid_request_error", "param": None, "code": None}}
+            kind = "invalid_request_error"
+        body = {"error": {"message": text, "type": kind, "param": None, "code": None}}
         resp = web.json_response(body, status=status)
         resp.force_close()
         return resp

@@ -124,6 +124,29 @@ class _NeverCalled:
         return None
 
 
+class _Crashing:
+    """A served model with a bug: its completion raises something no refusal maps."""
+
+    name = "crashing"
+
+    async def complete(self, messages: Any, *, max_tokens: int | None = None) -> Any:
+        raise RuntimeError("internal detail sk-do-not-echo")
+
+
+@pytest.mark.anyio
+async def test_a_crash_is_a_json_server_error_that_quotes_nothing() -> None:
+    body = {"model": "crashing", "messages": [{"role": "user", "content": "hi"}]}
+    async with (
+        MergedModelServer(_Crashing()) as server,
+        aiohttp.ClientSession() as http,
+        http.post(f"{server.url}/v1/chat/completions", json=body) as reply,
+    ):
+        text = await reply.text()
+    assert (reply.status, reply.content_type) == (500, "application/json")
+    assert json.loads(text)["error"]["type"] == "server_error"  # not the client's fault
+    assert "sk-do-not-echo" not in text and "RuntimeError" not in text
+
+
 def test_non_loopback_needs_a_key(repo: Any) -> None:
     from evomerge_sdk.merged import MergedModel
 
