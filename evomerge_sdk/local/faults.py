@@ -52,6 +52,7 @@ _FAULT_ORDER = ("rate_limit", "server_error", "hang", "slow", "drop", "malformed
 
 _RATE = probability(prefix="FaultConfig.")
 _SECONDS = number(strict=False, unit="seconds", prefix="FaultConfig.")
+_PER_MINUTE = number(allow_none=True, unit="per minute", prefix="ServerLimits.")
 
 
 @attrs.frozen
@@ -69,21 +70,17 @@ class FaultConfig:
     drop_rate: float = attrs.field(default=0.0, validator=_RATE)
     malformed_rate: float = attrs.field(default=0.0, validator=_RATE)
     latency: float = attrs.field(default=0.0, validator=_SECONDS)
-    max_faults_per_request: int | None = 2
+    max_faults_per_request: int | None = attrs.field(
+        default=2, validator=number(integer=True, strict=False, allow_none=True, prefix="FaultConfig.")
+    )
 
     def __attrs_post_init__(self) -> None:
+        """Cross-field invariant: the fault rates are one request's probabilities, so they sum to <= 1."""
         total = sum(self._rates())
         if total > 1 + 1e-12:
             raise ConfigError(
                 f"FaultConfig rates sum to {total:.3f}; they are per-request probabilities (<= 1)"
             )
-        check_number(
-            "FaultConfig.max_faults_per_request",
-            self.max_faults_per_request,
-            integer=True,
-            strict=False,
-            allow_none=True,
-        )
 
     def _rates(self) -> tuple[float, ...]:
         return (
@@ -116,14 +113,11 @@ class ServerLimits:
     """Server-side rate limits, per minute; `burst_seconds` is the GCRA tolerance (how far ahead of a
     smooth schedule a client may run before it gets 429s)."""
 
-    rpm: float | None = None
-    tpm: float | None = None
-    burst_seconds: float = 1.0
-
-    def __attrs_post_init__(self) -> None:
-        check_number("ServerLimits.rpm", self.rpm, allow_none=True, unit="per minute")
-        check_number("ServerLimits.tpm", self.tpm, allow_none=True, unit="per minute")
-        check_number("ServerLimits.burst_seconds", self.burst_seconds, strict=False, unit="seconds")
+    rpm: float | None = attrs.field(default=None, validator=_PER_MINUTE)
+    tpm: float | None = attrs.field(default=None, validator=_PER_MINUTE)
+    burst_seconds: float = attrs.field(
+        default=1.0, validator=number(strict=False, unit="seconds", prefix="ServerLimits.")
+    )
 
 
 @attrs.define

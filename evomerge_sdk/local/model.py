@@ -45,6 +45,7 @@ class ModelWeights:
     b3: FloatArray = attrs.field(converter=_f64)
 
     def __attrs_post_init__(self) -> None:
+        """Cross-field invariant: every matrix fits the embedding's vocabulary and W1's hidden size."""
         v, e = self.embedding.shape
         h = self.w1.shape[0]
         expected = {"w1": (h, e), "b1": (h,), "w2": (h, h), "b2": (h,), "w3": (v, h), "b3": (v,)}

@@ -51,12 +51,13 @@ from typing import Any, Literal
 
 import attrs
 import numpy as np
+from attrs.validators import and_
 from numpy.typing import ArrayLike
 
 from .._checks import is_int
 from .._io import write_npz_atomic
 from .._types import Float32Array, FloatArray, IntArray
-from .._validators import integer, non_negative_int, number, positive_int
+from .._validators import integer, must, non_negative_int, number, positive_int
 from ..errors import ConfigError
 from ..objectives.metrics import Metrics, score_logprobs
 from ._blas import single_threaded_blas
@@ -117,7 +118,10 @@ class RepositoryConfig:
     seed: int = attrs.field(default=0, validator=integer)
     n_types: int = attrs.field(default=5, validator=positive_int)
     n_domains: int = attrs.field(default=20, validator=positive_int)
-    n_labels: int = attrs.field(default=8, validator=positive_int)
+    n_labels: int = attrs.field(
+        default=8,
+        validator=and_(positive_int, must(lambda v: v >= 2, "the answer set needs at least two labels")),
+    )
     general_words: int = attrs.field(default=80, validator=positive_int)
     domain_words: int = attrs.field(default=10, validator=positive_int)
     general_features: int = attrs.field(default=4, validator=positive_int)
@@ -151,6 +155,7 @@ class RepositoryConfig:
     test_size: int = attrs.field(default=1000, validator=positive_int)
 
     def __attrs_post_init__(self) -> None:
+        """Cross-field invariants: targets fit the domains, harmful adapters the types, prompts the words."""
         n_targets = self.ood_targets + self.id_targets
         if n_targets < 1:
             raise ConfigError("a repository needs at least one target")
@@ -158,8 +163,6 @@ class RepositoryConfig:
             raise ConfigError(f"{n_targets} targets need as many domains, only {self.n_domains}")
         if self.n_types < 2 and self.harmful:
             raise ConfigError("harmful adapters need at least two task types")
-        if self.n_labels < 2:
-            raise ConfigError("the answer set needs at least two labels")
         if self.general_per_prompt > self.general_words or self.domain_per_prompt > self.domain_words:
             raise ConfigError("a prompt cannot hold more distinct words than the vocabulary has")
 

@@ -35,6 +35,7 @@ import attrs
 import numpy as np
 
 from .._types import FloatArray, IntArray
+from .._validators import must
 from ..errors import ConfigError
 from .tokenizer import PAD, QUERY, UNK, Tokenizer, pseudo_words
 
@@ -82,26 +83,27 @@ class Examples:
     `answer_ids` is the finite answer set; accuracy and macro-F1 pick the most likely of these tokens.
     """
 
-    prompts: tuple[str, ...]
+    prompts: tuple[str, ...] = attrs.field(validator=must(bool, "an example set needs at least one example"))
     ids: IntArray
-    lengths: IntArray
+    lengths: IntArray = attrs.field(
+        validator=must(lambda v: v.size == 0 or v.min() >= 1, "every prompt needs at least one token")
+    )
     labels: IntArray
-    answer_ids: IntArray
+    answer_ids: IntArray = attrs.field(
+        validator=must(
+            lambda v: v.ndim == 1 and v.size > 0, "the answer set must be a non-empty vector of token ids"
+        )
+    )
 
     def __attrs_post_init__(self) -> None:
+        """Cross-field invariants: every array fits the prompts, every gold label is in the answer set."""
         n = len(self.prompts)
-        if n == 0:
-            raise ConfigError("an example set needs at least one example")
         if self.ids.ndim != 2 or self.ids.shape[0] != n or self.lengths.shape != (n,):
             raise ConfigError(f"ids {self.ids.shape} / lengths {self.lengths.shape} do not fit {n} prompts")
         if self.labels.shape != (n,):
             raise ConfigError(f"labels must have shape ({n},), got {self.labels.shape}")
-        if self.answer_ids.ndim != 1 or self.answer_ids.size == 0:
-            raise ConfigError("the answer set must be a non-empty vector of token ids")
         if not np.all(np.isin(self.labels, self.answer_ids)):
             raise ConfigError("every gold label must be in the answer set")
-        if self.lengths.min() < 1:
-            raise ConfigError("every prompt needs at least one token")
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -67,6 +67,7 @@ class Tokenizer:
     _index: dict[str, int] = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
+        """Derives the word-to-id index once (the tokens are checked by their validator)."""
         object.__setattr__(self, "_index", {t: i for i, t in enumerate(self.tokens)})
 
     @property

@@ -127,6 +127,7 @@ class AdapterBatch:
     sizes: IntArray
 
     def __attrs_post_init__(self) -> None:
+        """Cross-field invariant: the three arrays agree on adapters and examples, sizes within them."""
         k, n = self.targets.shape
         if self.embeddings.shape[:2] != (k, n) or self.sizes.shape != (k,):
             raise ConfigError("embeddings, targets and sizes disagree on the number of adapters/examples")

@@ -359,7 +359,9 @@ class ScoreTable:
     `requests` counts the requests made for them and `cached` those answered from the cache.
     """
 
-    models: tuple[str, ...]
+    models: tuple[str, ...] = attrs.field(
+        validator=must(lambda v: len(set(v)) == len(v), "a score table must not name a model twice")
+    )
     scores: FloatArray
     examples: LabelledExamples
     usage: Usage = attrs.field(factory=Usage)
@@ -367,11 +369,10 @@ class ScoreTable:
     cached: int = 0
 
     def __attrs_post_init__(self) -> None:
+        """Cross-field invariant: one score per model, example and option."""
         expected = (len(self.models), len(self.examples), len(self.examples.answer_set))
         if self.scores.shape != expected:
             raise ConfigError(f"scores have shape {self.scores.shape}, expected {expected}")
-        if len(set(self.models)) != len(self.models):
-            raise ConfigError("a score table must not name a model twice")
 
     def of(self, model: str) -> FloatArray:
         """One model's scores (examples x options)."""
@@ -582,6 +583,7 @@ class OutputScores:
     _ranks: NDArray[np.intp] = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
+        """Cross-field invariants (shapes, labels within the options); derives the deltas and their ranks."""
         if self.pool.ndim != 3 or self.pool.shape[1:] != self.reference.shape:
             raise ConfigError(
                 f"pool scores {self.pool.shape} must be (models, examples, options) matching the "
