@@ -34,17 +34,17 @@ from .._io import write_json_atomic
 from .._validators import (
     as_path,
     folder,
+    must,
     non_negative_int,
     optional_path,
     optional_positive_int,
     positive_int,
 )
 from ..engine._baselines import best_single, lorahub, uniform_merge
-from ..engine._config import PRESETS, SearchConfig
+from ..engine._config import PRESETS, SearchConfig, known_preset
 from ..engine._objective import Candidate, EvaluationContext, Split
 from ..engine._planning import fit_to_queries
 from ..engine._search import EvoMerge, Progress, SearchResult
-from ..errors import ConfigError
 from ..local.repository import Repository, RepositoryConfig, Target, build_repository
 from ..local.server import LocalService
 from ..local.tasks import Examples
@@ -102,8 +102,11 @@ class OutputDemoConfig:
     quick: bool = False
     out_dir: Path = attrs.field(default=Path("evomerge-out"), converter=as_path, validator=folder)
     repository_seed: int = attrs.field(default=0, validator=non_negative_int)
-    preset: str = "default"
-    reference: str = "base"
+    preset: str = attrs.field(default="default", validator=known_preset)
+    reference: str = attrs.field(
+        default="base",
+        validator=must(lambda v: v in ("base", "mean"), "reference must be 'base' or 'mean', got {value!r}"),
+    )
     test_examples: int | None = attrs.field(default=None, validator=optional_positive_int)
     cache_dir: Path | None = attrs.field(default=None, converter=optional_path, validator=folder)
     response_cache: Path | None = attrs.field(default=None, converter=optional_path)
@@ -111,12 +114,6 @@ class OutputDemoConfig:
     small_repository: bool = False
     budget_tokens: int | None = attrs.field(default=None, validator=optional_positive_int)
     search_evaluations: int | None = attrs.field(default=None, validator=optional_positive_int)
-
-    def __attrs_post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ConfigError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        if self.reference not in ("base", "mean"):
-            raise ConfigError(f"reference must be 'base' or 'mean', got {self.reference!r}")
 
     def repository_config(self) -> RepositoryConfig:
         """The embedded repository this demo runs on."""

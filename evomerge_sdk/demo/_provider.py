@@ -46,7 +46,7 @@ from .._validators import (
     positive_int,
 )
 from ..engine._baselines import best_single, lorahub, task_arithmetic, uniform_merge
-from ..engine._config import PRESETS, SearchConfig
+from ..engine._config import PRESETS, SearchConfig, known_preset
 from ..engine._planning import fit_to_queries
 from ..engine._search import EvoMerge, Progress, SearchResult
 from ..errors import ConfigError
@@ -108,15 +108,11 @@ class DemoConfig:
     quick: bool = False
     out_dir: Path = attrs.field(default=Path("evomerge-out"), converter=as_path, validator=folder)
     repository_seed: int = attrs.field(default=0, validator=non_negative_int)
-    preset: str = "default"
+    preset: str = attrs.field(default="default", validator=known_preset)
     search_evaluations: int | None = attrs.field(default=None, validator=optional_positive_int)
     cache_dir: Path | None = attrs.field(default=None, converter=optional_path, validator=folder)
     response_cache: Path | None = attrs.field(default=None, converter=optional_path)
     plot: bool = True
-
-    def __attrs_post_init__(self) -> None:
-        if not isinstance(self.preset, str) or self.preset not in PRESETS:
-            raise ConfigError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
 
     @property
     def budget(self) -> int:

@@ -413,3 +413,8 @@ def preset(name: str) -> SearchConfig:
         return PRESETS[name]
     except (KeyError, TypeError):  # TypeError: an unhashable name
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def known_preset(_: object, __: attrs.Attribute[Any], name: str) -> None:
+    """An attrs validator for settings that name a preset, so a typo fails when they are built."""
+    preset(name)

@@ -24,6 +24,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from .._checks import is_int
 from .._types import FloatArray
+from .._validators import must
 from ..errors import ConfigError
 
 __all__ = ["Candidate", "EvaluationContext", "Objective", "Split"]
@@ -52,6 +53,7 @@ class Candidate:
     beta: FloatArray = attrs.field(converter=_frozen_vector)
 
     def __attrs_post_init__(self) -> None:
+        """Cross-field: one alpha and one beta per model (checked first: the other messages assume it)."""
         if self.alpha.shape != self.beta.shape:
             raise ConfigError(f"alpha has {self.alpha.size} entries but beta has {self.beta.size}")
         if self.alpha.size == 0:
@@ -108,12 +110,13 @@ class EvaluationContext:
     stage: str
     generation: int
     seed: int
-    batch_size: int | None = None
-
-    def __attrs_post_init__(self) -> None:
-        size = self.batch_size
-        if size is not None and (not is_int(size) or size < 1):
-            raise ConfigError(f"batch_size must be None (the whole split) or an integer >= 1, got {size!r}")
+    batch_size: int | None = attrs.field(
+        default=None,
+        validator=must(
+            lambda v: v is None or (is_int(v) and v >= 1),
+            "batch_size must be None (the whole split) or an integer >= 1, got {value!r}",
+        ),
+    )
 
     def minibatch(self, n_examples: int) -> NDArray[np.intp] | None:
         """Sorted indices of the examples to score out of `n_examples`, or None for all of them."""
