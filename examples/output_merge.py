@@ -55,7 +55,7 @@ def _stand_in_data(service: LocalService, n_models: int) -> tuple[list[str], dic
     return pool, {"validation": labelled(target.validation), "held_out": labelled(target.holdout)}
 
 
-async def main(out: Path = Path("output-merge"), budget_tokens: int = 100_000) -> str:
+async def main(out: Path = Path("output-merge"), budget_tokens: int = 400_000) -> str:
     """Run the four steps; return the served model's answer to one prompt."""
     await anyio.Path(out).mkdir(parents=True, exist_ok=True)
     async with LocalService(pool_sizes=(5,)) as service:  # stands in for your endpoint
